@@ -1,0 +1,1 @@
+"""spotmesh services: one deployable each (gateway, inference, embedder, cache, autoscaler)."""

@@ -1,0 +1,1 @@
+"""The gateway: the public gRPC entry point (auth, validation, routing, cost ledger)."""

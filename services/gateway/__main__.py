@@ -1,0 +1,56 @@
+"""Run the gateway: ``python -m services.gateway --api-keys keys.toml --model NAME=DIR ...``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from services.gateway.auth import ApiKeys, KeysFileError
+from services.gateway.config import GatewayConfig, parse
+from services.gateway.ledger import CostLedger
+from services.gateway.models import ModelCatalog
+from services.gateway.replicas import ReplicaSet
+from services.gateway.server import GatewayServicer
+from spotmesh.decoding import add_servicer
+from spotmesh.runtime import ServerProcess, run, setup_logging
+from spotmesh.v1 import gateway_pb2
+
+log = logging.getLogger("spotmesh.gateway")
+
+
+async def main(cfg: GatewayConfig) -> None:
+    try:
+        keys = ApiKeys.load(cfg.api_keys_file)
+    except KeysFileError as exc:
+        log.error(str(exc))
+        sys.exit(2)
+    if not cfg.models:
+        from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
+
+        cfg.models = {DEFAULT_MODEL_NAME: str(ensure_default_model())}
+    catalog = ModelCatalog(cfg.models)
+    replicas = ReplicaSet(
+        cfg.replicas,
+        cfg.replicas_file,
+        poll_seconds=cfg.load_poll_seconds,
+        max_message_bytes=cfg.server.max_message_bytes,
+        on_report=lambda r: catalog.observe_context_length(r.model, r.max_model_len),
+    )
+    await replicas.start()
+    service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
+    servicer = GatewayServicer(cfg, keys, catalog, replicas, CostLedger(cfg.prices_usd_per_hour))
+    proc = ServerProcess("gateway", cfg.server, [service.full_name])
+    await proc.start(lambda server: add_servicer(server, servicer, service))
+    try:
+        # In-flight streams get the grace period to finish once SIGTERM arrives.
+        await proc.serve_until_signal(grace_seconds=30.0)
+    finally:
+        await replicas.close()
+
+
+if __name__ == "__main__":
+    config = parse()
+    setup_logging(config.server.log_level, config.server.log_format, "gateway")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(lambda: main(config))

@@ -1,0 +1,94 @@
+"""API keys -> tenants.
+
+The keys file is TOML, one ``[[keys]]`` table per key::
+
+    [[keys]]
+    tenant = "search-team"
+    key_sha256 = "9f86d0..."     # sha256 hex of the key; or `key = "sk-..."` in development
+    models = ["*"]               # models this key may use; "*" for all
+    admin = false                # may call admin RPCs (cache invalidation)
+
+Keys are looked up by their SHA-256, so the file need not hold a usable secret and the lookup
+time does not depend on how much of a guessed key matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    models: frozenset[str]
+    admin: bool = False
+
+    def may_use(self, model: str) -> bool:
+        return "*" in self.models or model in self.models
+
+
+class AuthError(Exception):
+    """Missing or unknown credentials (UNAUTHENTICATED)."""
+
+
+class KeysFileError(ValueError):
+    pass
+
+
+def sha256_hex(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKeys:
+    def __init__(self, tenants_by_hash: dict[str, Tenant]) -> None:
+        self._by_hash = tenants_by_hash
+
+    @classmethod
+    def load(cls, path: str | Path) -> ApiKeys:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise KeysFileError(f"cannot read API keys file {path}: {exc}") from exc
+        by_hash: dict[str, Tenant] = {}
+        for i, entry in enumerate(doc.get("keys", [])):
+            where = f"{path}: keys[{i}]"
+            tenant = entry.get("tenant")
+            if not isinstance(tenant, str) or not tenant:
+                raise KeysFileError(f"{where}: tenant must be a non-empty string")
+            if "key_sha256" in entry:
+                digest = str(entry["key_sha256"]).lower()
+            elif "key" in entry:
+                digest = sha256_hex(str(entry["key"]))
+            else:
+                raise KeysFileError(f"{where}: needs key_sha256 (or key)")
+            if len(digest) != 64:
+                raise KeysFileError(f"{where}: key_sha256 must be 64 hex characters")
+            models = entry.get("models", ["*"])
+            if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+                raise KeysFileError(f"{where}: models must be a list of strings")
+            if digest in by_hash:
+                raise KeysFileError(f"{where}: duplicate key")
+            by_hash[digest] = Tenant(tenant, frozenset(models), bool(entry.get("admin", False)))
+        if not by_hash:
+            raise KeysFileError(f"{path}: no [[keys]] entries")
+        return cls(by_hash)
+
+    def authenticate(self, metadata) -> Tenant:
+        """The tenant for a call's ``authorization: Bearer <key>`` metadata."""
+        header = None
+        for k, v in metadata or ():
+            if k == "authorization":
+                header = v
+                break
+        if header is None:
+            raise AuthError("missing authorization metadata: send 'authorization: Bearer <key>'")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthError("authorization metadata must be 'Bearer <api key>'")
+        tenant = self._by_hash.get(sha256_hex(key.strip()))
+        if tenant is None:
+            raise AuthError("unknown API key")
+        return tenant

@@ -1,0 +1,86 @@
+"""Configuration of the gateway: one typed object, flags and environment in one place."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+
+from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
+
+# On-demand prices are AWS us-east-1 g5.xlarge (1x A10G) list prices; spot is the mean of the
+# same type's 10 zone prices in ../shared/data/spot (2022-05-31 snapshot). Replace with yours.
+DEFAULT_PRICES_USD_PER_HOUR = {"on-demand": 1.006, "spot": 0.402}
+
+
+@dataclass
+class Limits:
+    max_prompt_bytes: int = 256 * 1024
+    max_messages: int = 256
+    max_tokens_limit: int = 4096  # the most a client may ask for
+    default_max_tokens: int = 256
+
+
+@dataclass
+class GatewayConfig:
+    server: ServerConfig
+    api_keys_file: str = ""
+    # model name -> tokenizer/model directory; the first is the default model.
+    models: dict[str, str] = field(default_factory=dict)
+    replicas: list[str] = field(default_factory=list)  # static replica addresses
+    # A JSON file listing replica addresses that a supervisor (spotmesh up, the autoscaler)
+    # rewrites as replicas come and go; re-read when it changes.
+    replicas_file: str = ""
+    prices_usd_per_hour: dict[str, float] = field(
+        default_factory=lambda: dict(DEFAULT_PRICES_USD_PER_HOUR))
+    limits: Limits = field(default_factory=Limits)
+    load_poll_seconds: float = 0.5
+    # Attempts to start a stream on another replica when one fails before its first token.
+    start_attempts: int = 3
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"{flag} takes NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def parse(argv: list[str] | None = None) -> GatewayConfig:
+    p = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
+    add_server_flags(p, default_port=50051)
+    p.add_argument("--api-keys", default=os.environ.get("SPOTMESH_API_KEYS", ""),
+                   help="TOML file of API keys (see README)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                   help="a served model and its tokenizer directory; first is the default")
+    p.add_argument("--replica", action="append", default=[], metavar="HOST:PORT")
+    p.add_argument("--replicas-file", default="")
+    p.add_argument("--price", action="append", default=[], metavar="POOL=USD_PER_HOUR")
+    p.add_argument("--max-prompt-bytes", type=int, default=Limits.max_prompt_bytes)
+    p.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens_limit)
+    p.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens)
+    p.add_argument("--load-poll-seconds", type=float, default=0.5)
+    a = p.parse_args(argv)
+    models = dict(_key_value(m, "--model") for m in a.model)
+    prices = dict(DEFAULT_PRICES_USD_PER_HOUR)
+    for item in a.price:
+        pool, value = _key_value(item, "--price")
+        if pool not in prices:
+            p.error(f"--price pool must be one of {sorted(prices)}, got {pool!r}")
+        prices[pool] = float(value)
+    if not a.api_keys:
+        p.error("--api-keys FILE is required (spotmesh up writes a development one)")
+    return GatewayConfig(
+        server=server_config_from_args(a),
+        api_keys_file=a.api_keys,
+        models=models,
+        replicas=a.replica,
+        replicas_file=a.replicas_file,
+        prices_usd_per_hour=prices,
+        limits=Limits(
+            max_prompt_bytes=a.max_prompt_bytes,
+            max_tokens_limit=a.max_tokens_limit,
+            default_max_tokens=a.default_max_tokens,
+        ),
+        load_poll_seconds=a.load_poll_seconds,
+    )

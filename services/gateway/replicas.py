@@ -1,0 +1,189 @@
+"""The gateway's view of the inference replicas: who exists, who is healthy, how loaded.
+
+Replicas come from static addresses and from a replicas file that a supervisor (``spotmesh up``,
+the autoscaler) rewrites; a background loop polls each replica's ``Load`` so picking a replica
+never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from prometheus_client import Gauge
+
+from spotmesh.runtime import fields, grpc_options
+from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger("spotmesh.gateway")
+
+POOL_NAMES = {common_pb2.POOL_SPOT: "spot", common_pb2.POOL_ON_DEMAND: "on-demand"}
+# A replica that failed this many calls in a row is skipped until a Load poll succeeds again.
+FAILURES_BEFORE_SKIP = 2
+
+REPLICAS = Gauge("spotmesh_gateway_replicas", "Known inference replicas by state.", ["state"])
+QUEUE_DEPTH = Gauge(
+    "spotmesh_gateway_queue_depth", "Requests waiting in the engines' queues, over all replicas."
+)
+
+
+@dataclass
+class Replica:
+    address: str
+    channel: grpc.aio.Channel
+    stub: inference_pb2_grpc.InferenceStub
+    report: inference_pb2.LoadReport | None = None
+    reachable: bool = False
+    consecutive_failures: int = 0
+    in_flight: int = 0  # streams this gateway has open on it: fresher than any report
+    reported_at: float = field(default=0.0)
+
+    @property
+    def name(self) -> str:
+        return self.report.replica if self.report and self.report.replica else self.address
+
+    @property
+    def pool(self) -> str:
+        return POOL_NAMES.get(self.report.pool, "on-demand") if self.report else "on-demand"
+
+    def available_for(self, model: str) -> bool:
+        return (
+            self.reachable
+            and self.report is not None
+            and not self.report.draining
+            and self.report.model == model
+            and self.consecutive_failures < FAILURES_BEFORE_SKIP
+        )
+
+    def load_key(self) -> tuple[int, float, int]:
+        """Least loaded first: this gateway's open streams (exact and current) plus the
+        engine's queue, then KV-cache use (from the last poll); among equals the spot replica,
+        whose time costs less."""
+        assert self.report is not None
+        return (
+            self.in_flight + self.report.waiting,
+            self.report.kv_cache_usage,
+            0 if self.report.pool == common_pb2.POOL_SPOT else 1,
+        )
+
+
+class ReplicaSet:
+    def __init__(
+        self,
+        static: list[str],
+        replicas_file: str = "",
+        poll_seconds: float = 0.5,
+        max_message_bytes: int = 1 << 20,
+        on_report=None,
+    ) -> None:
+        self._static = list(static)
+        self._file = Path(replicas_file) if replicas_file else None
+        self._file_mtime = -1.0
+        self._file_addresses: list[str] = []
+        self._poll_seconds = poll_seconds
+        self._options = grpc_options(max_message_bytes)
+        self._on_report = on_report  # called with each LoadReport (context length, model)
+        self.replicas: dict[str, Replica] = {}
+        self._task: asyncio.Task | None = None
+        self._closing: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        await self._refresh_membership()
+        await self._poll_all()
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        for r in self.replicas.values():
+            await r.channel.close()
+
+    def pick(self, model: str, exclude: set[str] = frozenset()) -> Replica | None:
+        candidates = [
+            r for a, r in self.replicas.items() if a not in exclude and r.available_for(model)
+        ]
+        return min(candidates, key=Replica.load_key) if candidates else None
+
+    def mark_failed(self, replica: Replica) -> None:
+        replica.consecutive_failures += 1
+
+    def mark_ok(self, replica: Replica) -> None:
+        replica.consecutive_failures = 0
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_seconds)
+            try:
+                await self._refresh_membership()
+                await self._poll_all()
+            except Exception:  # the loop must outlive any one bad poll
+                log.exception("replica poll failed")
+
+    async def _refresh_membership(self) -> None:
+        if self._file is not None:
+            try:
+                mtime = self._file.stat().st_mtime
+                if mtime != self._file_mtime:
+                    self._file_addresses = list(json.loads(self._file.read_text()))
+                    self._file_mtime = mtime
+            except FileNotFoundError:
+                self._file_addresses = []
+            except (OSError, ValueError) as exc:
+                log.warning("cannot read replicas file", extra=fields(error=str(exc)))
+        wanted = dict.fromkeys([*self._static, *self._file_addresses])
+        for address in wanted:
+            if address not in self.replicas:
+                channel = grpc.aio.insecure_channel(address, options=self._options)
+                self.replicas[address] = Replica(
+                    address, channel, inference_pb2_grpc.InferenceStub(channel)
+                )
+                log.info("replica added", extra=fields(address=address))
+        for address in [a for a in self.replicas if a not in wanted]:
+            replica = self.replicas.pop(address)
+            # In-flight streams keep their own call objects; close lets them finish first.
+            task = asyncio.create_task(replica.channel.close(grace=None))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            log.info("replica removed", extra=fields(address=address))
+
+    async def _poll_all(self) -> None:
+        await asyncio.gather(*(self._poll(r) for r in list(self.replicas.values())))
+        states = {"available": 0, "draining": 0, "unreachable": 0}
+        waiting = 0
+        for r in self.replicas.values():
+            if not r.reachable:
+                states["unreachable"] += 1
+            elif r.report and r.report.draining:
+                states["draining"] += 1
+            else:
+                states["available"] += 1
+            waiting += r.report.waiting if r.report and r.reachable else 0
+        for state, n in states.items():
+            REPLICAS.labels(state).set(n)
+        QUEUE_DEPTH.set(waiting)
+
+    async def _poll(self, replica: Replica) -> None:
+        try:
+            report = await replica.stub.Load(
+                inference_pb2.LoadRequest(), timeout=max(1.0, 2 * self._poll_seconds)
+            )
+        except grpc.aio.AioRpcError as exc:
+            if replica.reachable:
+                log.warning("replica unreachable",
+                            extra=fields(address=replica.address, code=exc.code().name))
+            replica.reachable = False
+            return
+        if not replica.reachable:
+            log.info("replica reachable", extra=fields(address=replica.address,
+                                                       replica=report.replica))
+        replica.report = report
+        replica.reachable = True
+        replica.consecutive_failures = 0
+        replica.reported_at = time.monotonic()
+        if self._on_report is not None:
+            self._on_report(report)

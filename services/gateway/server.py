@@ -1,0 +1,223 @@
+"""The gateway's gRPC surface: authenticate, validate, pick a replica, relay the stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.gateway.auth import ApiKeys, AuthError
+from services.gateway.config import GatewayConfig
+from services.gateway.ledger import CostLedger
+from services.gateway.models import ModelCatalog, UnknownModel
+from services.gateway.replicas import Replica, ReplicaSet
+from services.gateway.validation import validate
+from spotmesh.metrics import ITL_BUCKETS, TTFT_BUCKETS
+from spotmesh.runtime import fields
+from spotmesh.sampling import InvalidField
+from spotmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, inference_pb2
+
+log = logging.getLogger("spotmesh.gateway")
+
+POOLS = {"spot": common_pb2.POOL_SPOT, "on-demand": common_pb2.POOL_ON_DEMAND}
+# Replica errors that mean "this replica cannot take it now, another may": retried on another
+# replica as long as no token has reached the client yet.
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND}
+# Replica errors passed to the client as they are: the request itself is at fault.
+CLIENT_FAULTS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+                 grpc.StatusCode.OUT_OF_RANGE}
+
+REQUESTS = Counter("spotmesh_gateway_requests_total", "Calls by method and final status code.",
+                   ["method", "code"])
+TTFT = Histogram("spotmesh_gateway_time_to_first_token_seconds",
+                 "From the request's arrival to its first token leaving the gateway.",
+                 buckets=TTFT_BUCKETS)
+ITL = Histogram("spotmesh_gateway_inter_token_latency_seconds",
+                "Between consecutive messages of one stream.", buckets=ITL_BUCKETS)
+IN_FLIGHT = Gauge("spotmesh_gateway_in_flight_requests", "Requests being served.")
+RETRIES = Counter("spotmesh_gateway_start_retries_total",
+                  "Streams restarted on another replica before their first token.")
+
+
+class Rejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, cfg: GatewayConfig, keys: ApiKeys, catalog: ModelCatalog,
+                 replicas: ReplicaSet, ledger: CostLedger) -> None:
+        self.cfg = cfg
+        self.keys = keys
+        self.catalog = catalog
+        self.replicas = replicas
+        self.ledger = ledger
+
+    async def Generate(self, request, context):
+        code = grpc.StatusCode.OK
+        IN_FLIGHT.inc()
+        try:
+            async for msg in self._generate(request, context):
+                yield msg
+        except Rejected as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            IN_FLIGHT.dec()
+            REQUESTS.labels("Generate", code.name).inc()
+
+    async def Complete(self, request, context):
+        code = grpc.StatusCode.OK
+        IN_FLIGHT.inc()
+        out = gateway_pb2.GenerateResponse()
+        text: list[str] = []
+        try:
+            async for msg in self._generate(request, context):
+                text.append(msg.text)
+                out.token_ids.extend(msg.token_ids)
+                if msg.request_id:
+                    out.request_id = msg.request_id
+                if msg.HasField("served_by"):
+                    out.served_by.CopyFrom(msg.served_by)
+                if msg.finish_reason:
+                    out.finish_reason = msg.finish_reason
+                    out.usage.CopyFrom(msg.usage)
+                    out.cost_usd = msg.cost_usd
+                    out.cache_hit = msg.cache_hit
+            out.text = "".join(text)
+            return out
+        except Rejected as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        except BaseException:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        finally:
+            IN_FLIGHT.dec()
+            REQUESTS.labels("Complete", code.name).inc()
+
+    def _admit(self, request, context):
+        try:
+            tenant = self.keys.authenticate(context.invocation_metadata())
+        except AuthError as exc:
+            raise Rejected(grpc.StatusCode.UNAUTHENTICATED, str(exc)) from None
+        try:
+            valid = validate(request, self.cfg.limits)
+            model = self.catalog.resolve(valid.model)
+        except InvalidField as exc:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except UnknownModel:
+            raise Rejected(grpc.StatusCode.NOT_FOUND,
+                           f"model {valid.model!r} is not served; served models: "
+                           f"{', '.join(self.catalog.names())}") from None
+        if not tenant.may_use(model.name):
+            raise Rejected(grpc.StatusCode.PERMISSION_DENIED,
+                           f"tenant {tenant.name!r} may not use model {model.name!r}")
+        try:
+            prompt_ids = model.encode(valid)
+        except InvalidField as exc:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        field = "prompt" if valid.prompt is not None else "messages"
+        if len(prompt_ids) >= model.max_model_len:
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{field} is {len(prompt_ids)} tokens; model {model.name!r} takes at "
+                           f"most {model.max_model_len - 1} prompt tokens")
+        if len(prompt_ids) + valid.sampling.max_tokens > model.max_model_len:
+            room = model.max_model_len - len(prompt_ids)
+            raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"sampling.max_tokens {valid.sampling.max_tokens} does not fit: the "
+                           f"{len(prompt_ids)}-token {field} leaves room for {room} tokens in "
+                           f"model {model.name!r}'s {model.max_model_len}-token context")
+        return tenant, valid, model, prompt_ids
+
+    async def _generate(self, request, context):
+        arrived = time.monotonic()
+        tenant, valid, model, prompt_ids = self._admit(request, context)
+        inference_request = inference_pb2.InferenceRequest(
+            request_id=valid.request_id,
+            model=model.name,
+            prompt_token_ids=prompt_ids,
+            sampling=valid.sampling.to_proto(),
+        )
+        tried: set[str] = set()
+        last_error = "no replica serves it"
+        for attempt in range(self.cfg.start_attempts):
+            replica = self.replicas.pick(model.name, exclude=tried)
+            if replica is None:
+                break
+            tried.add(replica.address)
+            if attempt:
+                RETRIES.inc()
+            sent = False
+            try:
+                async for msg in self._relay(replica, inference_request, context, tenant.name,
+                                             arrived):
+                    sent = True
+                    yield msg
+                return
+            except grpc.aio.AioRpcError as exc:
+                status = exc.code()
+                if status in CLIENT_FAULTS:
+                    raise Rejected(status, exc.details() or status.name) from None
+                self.replicas.mark_failed(replica)
+                log.warning("replica call failed",
+                            extra=fields(replica=replica.name, code=status.name,
+                                         request_id=valid.request_id, sent=sent,
+                                         detail=exc.details()))
+                last_error = f"replica {replica.name} failed: {status.name} {exc.details()}"
+                if sent or status not in RETRYABLE:
+                    # Tokens already reached the client: restarting would repeat them.
+                    raise Rejected(grpc.StatusCode.UNAVAILABLE,
+                                   f"{last_error}; the stream was interrupted, retry the "
+                                   "request") from None
+        raise Rejected(grpc.StatusCode.UNAVAILABLE,
+                       f"no replica available for model {model.name!r} ({last_error}); retry "
+                       "with backoff")
+
+    async def _relay(self, replica: Replica, request, context, tenant: str, arrived: float):
+        remaining = context.time_remaining()
+        call = replica.stub.Generate(request, timeout=remaining)
+        replica.in_flight += 1
+        served_by = common_pb2.ServedBy(replica=replica.name,
+                                        pool=POOLS.get(replica.pool, common_pb2.POOL_UNSPECIFIED))
+        first = True
+        last = arrived
+        try:
+            async for chunk in call:
+                msg = gateway_pb2.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+                now = time.monotonic()
+                if first:
+                    msg.served_by.CopyFrom(served_by)
+                    msg.request_id = request.request_id
+                    TTFT.observe(now - arrived)
+                    first = False
+                else:
+                    ITL.observe(now - last)
+                last = now
+                if chunk.finish_reason:
+                    msg.finish_reason = chunk.finish_reason
+                    msg.usage.CopyFrom(chunk.usage)
+                    msg.served_by.CopyFrom(served_by)
+                    msg.cost_usd = self.ledger.book(
+                        tenant=tenant,
+                        pool=replica.pool,
+                        replica_seconds=chunk.replica_seconds,
+                        prompt_tokens=chunk.usage.prompt_tokens,
+                        cached_prompt_tokens=chunk.usage.cached_prompt_tokens,
+                        completion_tokens=chunk.usage.completion_tokens,
+                    )
+                yield msg
+            self.replicas.mark_ok(replica)
+        finally:
+            replica.in_flight -= 1
+            # The client went away or we stopped early: cancelling the call aborts the engine
+            # request on the replica, freeing its KV cache.
+            call.cancel()

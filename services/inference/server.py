@@ -1,0 +1,240 @@
+"""The inference replica's gRPC surface: validate, translate to the engine, stream back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.inference.accounting import TimeShare
+from services.inference.engine import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    EngineError,
+    EngineInfo,
+    RequestRejected,
+)
+from spotmesh.metrics import ITL_BUCKETS, TTFT_BUCKETS
+from spotmesh.runtime import fields
+from spotmesh.sampling import InvalidField, sampling_from_proto
+from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger("spotmesh.inference")
+
+FINISH_REASONS = {
+    FINISH_STOP: common_pb2.FINISH_REASON_STOP,
+    FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FINISH_ABORT: common_pb2.FINISH_REASON_ABORT,
+}
+POOLS = {"spot": common_pb2.POOL_SPOT, "on-demand": common_pb2.POOL_ON_DEMAND}
+MAX_REQUEST_ID = 128
+
+REQUESTS = Counter(
+    "spotmesh_inference_requests_total", "Generate calls by final gRPC status code.", ["code"]
+)
+TTFT = Histogram(
+    "spotmesh_inference_time_to_first_token_seconds",
+    "From admission to the first generated token.",
+    buckets=TTFT_BUCKETS,
+)
+ITL = Histogram(
+    "spotmesh_inference_inter_token_latency_seconds",
+    "Between consecutive chunks of one stream.",
+    buckets=ITL_BUCKETS,
+)
+TOKENS = Counter("spotmesh_inference_tokens_total", "Tokens processed.", ["kind"])
+REPLICA_SECONDS = Counter(
+    "spotmesh_inference_busy_seconds_total", "Wall time with at least one request in flight."
+)
+IN_FLIGHT = Gauge("spotmesh_inference_in_flight_requests", "Streams open on this replica.")
+QUEUE_DEPTH = Gauge("spotmesh_inference_queue_depth", "Requests waiting in the engine's queue.")
+RUNNING = Gauge("spotmesh_inference_running_requests", "Requests the engine is decoding.")
+KV_USAGE = Gauge("spotmesh_inference_kv_cache_usage_ratio", "Fraction of KV cache in use.")
+DRAINING = Gauge("spotmesh_inference_draining", "1 once the replica stopped admitting work.")
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(
+        self,
+        engine: Engine,
+        info: EngineInfo,
+        *,
+        replica: str,
+        pool: str,
+        drain_grace_seconds: float,
+        on_draining=None,
+    ) -> None:
+        self.engine = engine
+        self.info = info
+        self.replica = replica
+        self.pool = pool
+        self.drain_grace_seconds = drain_grace_seconds
+        self.draining = False
+        self._on_draining = on_draining  # async callable: flips health to NOT_SERVING
+        self._in_flight: set[str] = set()
+        self._evicted: set[str] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._share = TimeShare()
+        self._drain_task: asyncio.Task | None = None
+        QUEUE_DEPTH.set_function(lambda: self.engine.load().waiting)
+        RUNNING.set_function(lambda: self.engine.load().running)
+        KV_USAGE.set_function(lambda: self.engine.load().kv_cache_usage)
+        IN_FLIGHT.set_function(lambda: len(self._in_flight))
+
+    async def Generate(self, request: inference_pb2.InferenceRequest, context):
+        code = grpc.StatusCode.OK
+        try:
+            async for chunk in self._generate(request, context):
+                yield chunk
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except _Abort as exc:
+            code = exc.code
+            await context.abort(exc.code, exc.message)
+        finally:
+            REQUESTS.labels(code.name).inc()
+
+    async def _generate(self, request, context):
+        if self.draining:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica} is draining")
+        rid = request.request_id
+        if not rid or len(rid) > MAX_REQUEST_ID:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"request_id must be 1-{MAX_REQUEST_ID} characters")
+        if request.model and request.model != self.info.model:
+            raise _Abort(grpc.StatusCode.NOT_FOUND,
+                         f"model {request.model!r} is not served here (this replica serves "
+                         f"{self.info.model!r})")
+        prompt = list(request.prompt_token_ids)
+        if not prompt:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids must not be empty")
+        max_new = self.info.max_model_len - len(prompt)
+        if max_new < 1:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"prompt_token_ids has {len(prompt)} tokens; the model's context is "
+                         f"{self.info.max_model_len}")
+        try:
+            sampling = sampling_from_proto(
+                request.sampling, default_max_tokens=min(256, max_new), max_tokens_limit=max_new
+            )
+        except InvalidField as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        if rid in self._in_flight:
+            raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
+
+        self._in_flight.add(rid)
+        self._idle.clear()
+        share_token = self._share.enter()
+        busy_before = self._share.busy_seconds
+        started = time.monotonic()
+        last = None
+        completion = 0
+        try:
+            async for chunk in self.engine.generate(rid, prompt, sampling):
+                now = time.monotonic()
+                if chunk.token_ids:
+                    if last is None:
+                        TTFT.observe(now - started)
+                    else:
+                        ITL.observe(now - last)
+                    last = now
+                completion += len(chunk.token_ids)
+                msg = inference_pb2.InferenceChunk(text=chunk.text, token_ids=chunk.token_ids)
+                if chunk.finish_reason is not None:
+                    if chunk.finish_reason == FINISH_ABORT and rid in self._evicted:
+                        raise _Abort(grpc.StatusCode.UNAVAILABLE,
+                                     f"replica {self.replica} drained before the stream "
+                                     "finished; retry on another replica")
+                    msg.finish_reason = FINISH_REASONS.get(
+                        chunk.finish_reason, common_pb2.FINISH_REASON_STOP)
+                    msg.usage.prompt_tokens = chunk.prompt_tokens
+                    msg.usage.cached_prompt_tokens = chunk.cached_prompt_tokens
+                    msg.usage.completion_tokens = completion
+                    msg.replica_seconds = self._share.leave(share_token)
+                    share_token = None
+                    TOKENS.labels("prompt").inc(chunk.prompt_tokens)
+                    TOKENS.labels("cached_prompt").inc(chunk.cached_prompt_tokens)
+                yield msg
+        except RequestRejected as exc:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        except EngineError as exc:
+            log.error("engine failed", extra=fields(request_id=rid, error=str(exc)))
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, f"engine error: {exc}") from None
+        finally:
+            if share_token is not None:
+                self._share.leave(share_token)
+            REPLICA_SECONDS.inc(self._share.busy_seconds - busy_before)
+            TOKENS.labels("completion").inc(completion)
+            self._in_flight.discard(rid)
+            self._evicted.discard(rid)
+            if not self._in_flight:
+                self._idle.set()
+
+    async def Load(self, request, context) -> inference_pb2.LoadReport:
+        load = self.engine.load()
+        report = inference_pb2.LoadReport(
+            replica=self.replica,
+            pool=POOLS.get(self.pool, common_pb2.POOL_UNSPECIFIED),
+            model=self.info.model,
+            engine=self.info.engine,
+            waiting=load.waiting,
+            running=load.running,
+            kv_cache_usage=load.kv_cache_usage,
+            draining=self.draining,
+            max_model_len=self.info.max_model_len,
+            kv_block_size=self.info.kv_block_size,
+            kv_capacity_blocks=self.info.kv_capacity_blocks,
+            in_flight=len(self._in_flight),
+        )
+        if load.gpu_utilization is not None:
+            report.gpu_utilization = load.gpu_utilization
+        return report
+
+    async def Drain(self, request, context) -> inference_pb2.DrainResponse:
+        grace = request.grace_seconds if request.HasField("grace_seconds") else None
+        if grace is not None and not 0 <= grace <= 3600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"grace_seconds must be in [0, 3600], got {grace:g}")
+        in_flight = len(self._in_flight)
+        self.start_drain(grace)
+        return inference_pb2.DrainResponse(in_flight=in_flight)
+
+    def start_drain(self, grace_seconds: float | None = None) -> asyncio.Task:
+        """Stop admitting; let in-flight streams finish within the grace period; then evict the
+        rest (their callers get UNAVAILABLE and retry elsewhere). Idempotent."""
+        if self._drain_task is None:
+            grace = self.drain_grace_seconds if grace_seconds is None else grace_seconds
+            self._drain_task = asyncio.create_task(self._drain(grace))
+        return self._drain_task
+
+    async def _drain(self, grace: float) -> None:
+        self.draining = True
+        DRAINING.set(1)
+        if self._on_draining is not None:
+            await self._on_draining()
+        log.info("draining", extra=fields(replica=self.replica, in_flight=len(self._in_flight),
+                                          grace_seconds=grace))
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=grace)
+        except TimeoutError:
+            left = list(self._in_flight)
+            log.warning("grace period over; evicting streams",
+                        extra=fields(replica=self.replica, evicted=len(left)))
+            self._evicted.update(left)
+            for rid in left:
+                await self.engine.abort(rid)
+            await self._idle.wait()
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message

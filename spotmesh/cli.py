@@ -1,0 +1,235 @@
+"""The ``spotmesh`` command: run a mesh, talk to it, build its tiny model, benchmark it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from spotmesh.mesh import LocalMesh, state_dir
+    from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
+
+    if a.replicas < 1:
+        _err("--replicas must be >= 1")
+        return 2
+    spot = a.replicas - 1 if a.spot_replicas is None else a.spot_replicas
+    if not 0 <= spot <= a.replicas:
+        _err(f"--spot-replicas must be in [0, {a.replicas}]")
+        return 2
+    if a.model:
+        model, name = a.model, a.served_model_name or Path(a.model).name
+    else:
+        _err("building the tiny offline model (first run only)...")
+        model = str(ensure_default_model(a.quantization or None))
+        name = a.served_model_name or DEFAULT_MODEL_NAME
+    inference_args = [] if a.no_enforce_eager else ["--enforce-eager"]
+    if a.max_model_len:
+        inference_args += ["--max-model-len", str(a.max_model_len)]
+    directory = state_dir(a.state_dir)
+    mesh = LocalMesh(
+        directory,
+        replicas=a.replicas,
+        spot_replicas=spot,
+        port=a.port,
+        api_keys=a.api_keys,
+        model=model,
+        served_model_name=name,
+        inference_args=inference_args,
+        kv_cache_gib=a.kv_cache_gib,
+        log=_err,
+    )
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        state = mesh.start(timeout=a.start_timeout)
+    except RuntimeError as exc:
+        _err(f"spotmesh up failed: {exc}")
+        mesh.stop(grace=5)
+        return 1
+    gw = state.gateway()
+    assert gw is not None
+    key = mesh.dev_key or "<a key from your --api-keys file>"
+    print(f"spotmesh is up: gateway {gw.address} (state {directory})", flush=True)
+    print(f"development API key: {key}", flush=True)
+    print("try it:", flush=True)
+    print('  spotmesh generate "Tell me about spot instances"', flush=True)
+    print(f"  grpcurl -plaintext -H 'authorization: Bearer {key}' -d "
+          f"'{{\"prompt\": \"Hello\", \"sampling\": {{\"max_tokens\": 16}}}}' "
+          f"{gw.address} spotmesh.v1.Gateway/Generate", flush=True)
+    print("Ctrl-C stops the mesh.", flush=True)
+    mesh.watch(lambda: stop["now"])
+    _err("stopping the mesh...")
+    mesh.stop()
+    _err("stopped")
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from spotmesh.mesh import state_dir, status
+
+    doc = status(state_dir(a.state_dir))
+    print(json.dumps(doc, indent=2))
+    return 0 if doc["running"] else 1
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import grpc
+
+    from spotmesh.mesh import MeshState, read_dev_key, state_dir
+    from spotmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    address, key = a.address, a.api_key or os.environ.get("SPOTMESH_API_KEY")
+    if not address or not key:
+        state = MeshState.load(state_dir(a.state_dir))
+        if state is None or state.gateway() is None:
+            _err("no running mesh found: start one with `spotmesh up`, or pass --address")
+            return 2
+        address = address or state.gateway().address
+        key = key or read_dev_key(Path(state.api_keys))
+        if not key:
+            _err("no API key: pass --api-key or set SPOTMESH_API_KEY")
+            return 2
+    sampling = common_pb2.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature)
+    if a.seed is not None:
+        sampling.seed = a.seed
+    req = gateway_pb2.GenerateRequest(model=a.model, sampling=sampling)
+    if a.chat:
+        req.messages.append(gateway_pb2.ChatMessage(role="user", content=a.prompt))
+    else:
+        req.prompt = a.prompt
+    started = time.monotonic()
+    first = None
+    with grpc.insecure_channel(address) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        try:
+            for msg in stub.Generate(req, metadata=[("authorization", f"Bearer {key}")],
+                                     timeout=a.timeout):
+                if first is None:
+                    first = time.monotonic() - started
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                if msg.finish_reason:
+                    u = msg.usage
+                    reason = common_pb2.FinishReason.Name(msg.finish_reason)
+                    _err(f"\n[{reason} | {msg.served_by.replica} "
+                         f"({common_pb2.Pool.Name(msg.served_by.pool)}) | prompt "
+                         f"{u.prompt_tokens} (cached {u.cached_prompt_tokens}), completion "
+                         f"{u.completion_tokens} tokens | first token {first * 1000:.0f} ms | "
+                         f"${msg.cost_usd:.8f}{' | cache hit' if msg.cache_hit else ''}]")
+        except grpc.RpcError as exc:
+            _err(f"\nerror: {exc.code().name}: {exc.details()}")
+            return 1
+    return 0
+
+
+def cmd_make_tiny(a: argparse.Namespace) -> int:
+    from spotmesh.tinymodel import make_tiny
+
+    out = make_tiny(a.dir, quantization=a.quantization or None, seed=a.seed)
+    print(out)
+    return 0
+
+
+def cmd_proto_gen(a: argparse.Namespace) -> int:
+    from spotmesh import protogen
+
+    return protogen.main()
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    from spotmesh.bench import serve
+
+    return serve.main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="spotmesh", description=__doc__)
+    p.add_argument("--state-dir", default=None,
+                   help="where the mesh keeps its state (default $SPOTMESH_STATE_DIR or "
+                        "~/.local/state/spotmesh/default)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole mesh on this machine")
+    up.add_argument("--replicas", type=int, default=2)
+    up.add_argument("--spot-replicas", type=int, default=None,
+                    help="how many replicas run in the spot pool (default: all but one)")
+    up.add_argument("--port", type=int, default=50051, help="the gateway's port")
+    up.add_argument("--api-keys", default=None, help="API keys file (default: a dev key)")
+    up.add_argument("--model", default="", help="model directory (default: the tiny model)")
+    up.add_argument("--served-model-name", default="")
+    up.add_argument("--quantization", choices=["", "awq", "w8a8"], default="",
+                    help="serve a quantized variant of the tiny model")
+    up.add_argument("--max-model-len", type=int, default=0)
+    up.add_argument("--kv-cache-gib", type=float, default=1.0)
+    up.add_argument("--no-enforce-eager", action="store_true",
+                    help="let vLLM compile graphs (slower start, faster decode)")
+    up.add_argument("--start-timeout", type=float, default=300.0)
+    up.set_defaults(fn=cmd_up)
+
+    st = sub.add_parser("status", help="print the running mesh as JSON")
+    st.set_defaults(fn=cmd_status)
+
+    gen = sub.add_parser("generate", help="stream a reply to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message")
+    gen.add_argument("--model", default="")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--address", default="")
+    gen.add_argument("--api-key", default="")
+    gen.add_argument("--timeout", type=float, default=120.0)
+    gen.set_defaults(fn=cmd_generate)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="sub",
+                                                                           required=True)
+    mt = model.add_parser("make-tiny", help="write the tiny offline Llama model")
+    mt.add_argument("dir")
+    mt.add_argument("--quantization", choices=["", "awq", "w8a8"], default="")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.set_defaults(fn=cmd_make_tiny)
+
+    proto = sub.add_parser("proto", help="contract utilities").add_subparsers(dest="sub",
+                                                                             required=True)
+    pg = proto.add_parser("gen", help="regenerate spotmesh/v1 from protos/")
+    pg.set_defaults(fn=cmd_proto_gen)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
+    bs = bench.add_parser("serve", help="through-mesh vs engine-direct tokens/s and TTFT")
+    bs.add_argument("--concurrency", default="1,8,32")
+    bs.add_argument("--requests", type=int, default=0,
+                    help="requests per concurrency level (default 4x concurrency, >= 16)")
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--prompts", default="",
+                    help="JSONL of prompts (default: ../shared/data/prefix_cache/"
+                         "awesome_chatgpt_system_prompts.jsonl when present)")
+    bs.add_argument("--json", default="", help="write the results here")
+    bs.add_argument("--model", default="")
+    bs.set_defaults(fn=cmd_bench_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.state_dir is None:
+        args.state_dir = None
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

