@@ -35,6 +35,8 @@ def cmd_up(a: argparse.Namespace) -> int:
     inference_args = [] if a.no_enforce_eager else ["--enforce-eager"]
     if a.max_model_len:
         inference_args += ["--max-model-len", str(a.max_model_len)]
+    if a.stream_interval != 1:
+        inference_args += ["--stream-interval", str(a.stream_interval)]
     directory = state_dir(a.state_dir)
     mesh = LocalMesh(
         directory,
@@ -175,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--quantization", choices=["", "awq", "w8a8"], default="",
                     help="serve a quantized variant of the tiny model")
     up.add_argument("--max-model-len", type=int, default=0)
-    up.add_argument("--kv-cache-gib", type=float, default=1.0)
+    up.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache per CPU replica, GiB")
+    up.add_argument("--stream-interval", type=int, default=1,
+                    help="tokens per streamed message (vLLM stream_interval)")
     up.add_argument("--no-enforce-eager", action="store_true",
                     help="let vLLM compile graphs (slower start, faster decode)")
     up.add_argument("--start-timeout", type=float, default=300.0)

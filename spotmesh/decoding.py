@@ -54,6 +54,8 @@ def find_invalid_utf8(descriptor: Descriptor, data: bytes, prefix: str = "") -> 
                 i += 4
             elif wire_type == 2:
                 length, i = _varint(data, i)
+                if i + length > len(data):  # truncated: a cut-off character is not bad UTF-8
+                    return None
                 payload = data[i : i + length]
                 i += length
                 field = descriptor.fields_by_number.get(number)

@@ -139,7 +139,7 @@ class LocalMesh:
         model: str,
         served_model_name: str,
         inference_args: list[str],
-        kv_cache_gib: float,
+        kv_cache_gib: int,
         log=print,
     ) -> None:
         self.dir = directory
@@ -162,7 +162,10 @@ class LocalMesh:
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         # CPU replicas share a few cores: one OpenMP thread each avoids oversubscription.
         env.setdefault("OMP_NUM_THREADS", "1")
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.kv_cache_gib:g}")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gib))
+        # On CPU: run vLLM's worker inside its engine-core process (one process and one IPC hop
+        # per step fewer); vLLM only allows that with V1 multiprocessing off.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -237,7 +240,7 @@ class LocalMesh:
             name = f"{'spot' if pool == 'spot' else 'od'}-{i}"
             args = ["--replica", name, "--pool", pool, "--port", "0", "--model", self.model,
                     "--served-model-name", self.served_model_name,
-                    "--kv-cache-gib", f"{self.kv_cache_gib:g}", *self.inference_args]
+                    "--kv-cache-gib", str(self.kv_cache_gib), *self.inference_args]
             replicas.append(self._spawn("inference", name, args, pool))
         self.children.extend(replicas)
         self._publish()

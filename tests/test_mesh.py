@@ -72,7 +72,9 @@ def test_generate_streams_tokens_from_the_engine(stub, mesh, tiny_model):
     prompt_ids = AutoTokenizer.from_pretrained(str(tiny_model)).encode("Hello spot")
     msgs = list(stub.Generate(gateway_pb2.GenerateRequest(prompt="Hello spot", sampling=greedy()),
                               metadata=mesh.metadata, timeout=60))
-    assert len(msgs) == 16  # one message per token
+    # Streamed: several messages (one per token, or a few tokens each when the reader lags and
+    # vLLM merges deltas), adding up to exactly the completion.
+    assert len(msgs) > 1
     assert msgs[0].served_by.replica in {"od-0", "spot-1"}
     assert msgs[0].request_id
     last = msgs[-1]
@@ -132,7 +134,7 @@ def test_reflection_client_calls_generate_without_proto_files(mesh):
                                response_deserializer=resp_cls.FromString)
         msgs = [json_format.MessageToDict(m) for m in call(req, metadata=mesh.metadata,
                                                             timeout=60)]
-    assert len(msgs) == 5
+    assert sum(len(m.get("tokenIds", [])) for m in msgs) == 5
     assert msgs[-1]["finishReason"] == "FINISH_REASON_LENGTH"
     assert msgs[-1]["usage"]["completionTokens"] == 5
     for name in ("spotmesh.v1.Gateway", "grpc.health.v1.Health"):

@@ -17,10 +17,12 @@ async def collect(engine, rid, prompt, sampling):
     return [c async for c in engine.generate(rid, prompt, sampling)]
 
 
-def test_engine_streams_one_chunk_per_token_with_usage(vllm_engine, loop_thread):
+def test_engine_streams_deltas_that_add_up_to_the_completion(vllm_engine, loop_thread):
     engine, info = vllm_engine
     chunks = loop_thread.run(collect(engine, "stream-1", [1, 40, 41, 42], GREEDY))
-    assert [len(c.token_ids) for c in chunks] == [1] * 12
+    # One chunk per token unless the reader lags (vLLM then merges deltas): never more.
+    assert 1 < len(chunks) <= 12
+    assert sum(len(c.token_ids) for c in chunks) == 12
     assert all(c.finish_reason is None for c in chunks[:-1])
     assert chunks[-1].finish_reason == FINISH_LENGTH
     assert chunks[-1].prompt_tokens == 4
@@ -93,7 +95,8 @@ def test_concurrent_streams_are_batched(vllm_engine, loop_thread):
         ))
 
     results = loop_thread.run(run())
-    assert all(len(r) == 12 and r[-1].finish_reason == FINISH_LENGTH for r in results)
+    assert all(sum(len(c.token_ids) for c in r) == 12 for r in results)
+    assert all(r[-1].finish_reason == FINISH_LENGTH for r in results)
 
 
 def test_load_reports_queue_and_kv_usage_while_busy(vllm_engine, loop_thread):

@@ -53,25 +53,35 @@ class ApiKeys:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise KeysFileError(f"cannot read API keys file {path}: {exc}") from exc
         by_hash: dict[str, Tenant] = {}
-        for i, entry in enumerate(doc.get("keys", [])):
+        entries = doc.get("keys", [])
+        if not isinstance(entries, list):
+            raise KeysFileError(f"{path}: keys must be an array of tables ([[keys]])")
+        for i, entry in enumerate(entries):
             where = f"{path}: keys[{i}]"
+            if not isinstance(entry, dict):
+                raise KeysFileError(f"{where}: must be a table ([[keys]])")
             tenant = entry.get("tenant")
             if not isinstance(tenant, str) or not tenant:
                 raise KeysFileError(f"{where}: tenant must be a non-empty string")
             if "key_sha256" in entry:
                 digest = str(entry["key_sha256"]).lower()
             elif "key" in entry:
-                digest = sha256_hex(str(entry["key"]))
+                if not isinstance(entry["key"], str) or not entry["key"].strip():
+                    raise KeysFileError(f"{where}: key must be a non-empty string")
+                digest = sha256_hex(entry["key"].strip())
             else:
                 raise KeysFileError(f"{where}: needs key_sha256 (or key)")
-            if len(digest) != 64:
+            if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
                 raise KeysFileError(f"{where}: key_sha256 must be 64 hex characters")
             models = entry.get("models", ["*"])
             if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
                 raise KeysFileError(f"{where}: models must be a list of strings")
+            admin = entry.get("admin", False)
+            if not isinstance(admin, bool):
+                raise KeysFileError(f"{where}: admin must be true or false")
             if digest in by_hash:
                 raise KeysFileError(f"{where}: duplicate key")
-            by_hash[digest] = Tenant(tenant, frozenset(models), bool(entry.get("admin", False)))
+            by_hash[digest] = Tenant(tenant, frozenset(models), admin)
         if not by_hash:
             raise KeysFileError(f"{path}: no [[keys]] entries")
         return cls(by_hash)

@@ -27,11 +27,16 @@ class EngineConfig:
     max_num_seqs: int = 256  # continuous-batching width
     enable_prefix_caching: bool = True
     block_size: int = 0  # KV block size in tokens; 0: the engine's default
-    # KV-cache size. On CPU vLLM takes GiB (VLLM_CPU_KVCACHE_SPACE); on GPU a fraction of memory.
-    kv_cache_gib: float = 1.0
+    # KV-cache size. On CPU vLLM takes whole GiB (VLLM_CPU_KVCACHE_SPACE); on GPU a fraction of
+    # memory (gpu_memory_utilization).
+    kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
     enforce_eager: bool = False
+    # Tokens per streamed chunk (vLLM's `stream_interval`; the first token is always sent at
+    # once). Above 1 it trades token-by-token smoothness for fewer messages per token, which
+    # matters where per-message framing costs as much as a decode step (small models, CPU).
+    stream_interval: int = 1
     seed: int = 0
     # Anything else, as the engine's own keyword arguments (JSON object on the command line).
     extra: dict = field(default_factory=dict)
@@ -63,10 +68,11 @@ def parse(argv: list[str] | None = None) -> InferenceConfig:
     p.add_argument("--max-num-seqs", type=int, default=e.max_num_seqs)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--block-size", type=int, default=e.block_size)
-    p.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib)
+    p.add_argument("--kv-cache-gib", type=int, default=e.kv_cache_gib)
     p.add_argument("--gpu-memory-utilization", type=float, default=e.gpu_memory_utilization)
     p.add_argument("--tensor-parallel-size", type=int, default=e.tensor_parallel_size)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--stream-interval", type=int, default=e.stream_interval)
     p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--engine-args", default="{}", help="extra engine keyword arguments, JSON")
     a = p.parse_args(argv)
@@ -76,6 +82,10 @@ def parse(argv: list[str] | None = None) -> InferenceConfig:
         p.error(f"--engine-args is not JSON: {exc}")
     if not isinstance(extra, dict):
         p.error("--engine-args must be a JSON object")
+    if a.stream_interval < 1:
+        p.error("--stream-interval must be >= 1")
+    if a.kv_cache_gib < 1:
+        p.error("--kv-cache-gib must be >= 1")
     engine = EngineConfig(
         engine=a.engine,
         model=a.model,
@@ -91,6 +101,7 @@ def parse(argv: list[str] | None = None) -> InferenceConfig:
         gpu_memory_utilization=a.gpu_memory_utilization,
         tensor_parallel_size=a.tensor_parallel_size,
         enforce_eager=a.enforce_eager,
+        stream_interval=a.stream_interval,
         seed=a.seed,
         extra=extra,
     )

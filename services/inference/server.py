@@ -81,6 +81,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self._share = TimeShare()
+        self._busy_booked = 0.0
         self._drain_task: asyncio.Task | None = None
         QUEUE_DEPTH.set_function(lambda: self.engine.load().waiting)
         RUNNING.set_function(lambda: self.engine.load().running)
@@ -132,7 +133,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._in_flight.add(rid)
         self._idle.clear()
         share_token = self._share.enter()
-        busy_before = self._share.busy_seconds
         started = time.monotonic()
         last = None
         completion = 0
@@ -170,7 +170,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if share_token is not None:
                 self._share.leave(share_token)
-            REPLICA_SECONDS.inc(self._share.busy_seconds - busy_before)
+            # Busy time is the replica's, not the request's: book only what accrued since the
+            # last booking, so overlapping requests never count the same second twice.
+            REPLICA_SECONDS.inc(self._share.busy_seconds - self._busy_booked)
+            self._busy_booked = self._share.busy_seconds
             TOKENS.labels("completion").inc(completion)
             self._in_flight.discard(rid)
             self._evicted.discard(rid)

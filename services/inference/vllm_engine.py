@@ -47,6 +47,7 @@ def engine_args_kwargs(cfg: EngineConfig, model_path: str) -> dict[str, Any]:
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "tensor_parallel_size": cfg.tensor_parallel_size,
         "enforce_eager": cfg.enforce_eager,
+        "stream_interval": cfg.stream_interval,
         "seed": cfg.seed,
         # The gateway and replicas keep their own request logs; vLLM's per-request lines would
         # double them.
@@ -124,7 +125,7 @@ class VLLMEngine(Engine):
 
         if current_platform.is_cpu():
             # Without it vLLM's CPU backend reserves most of the machine's RAM for KV cache.
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cfg.kv_cache_gib:g}")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
         # A fresh subclass per engine so two engines in one process keep separate snapshots.
         snapshot_cls = type("SchedulerSnapshot", (_SchedulerSnapshot, StatLoggerBase), {})
         self._snapshot_cls = snapshot_cls

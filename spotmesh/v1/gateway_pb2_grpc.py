@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Generates text for tenants; see the top of this file for authentication and errors.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -48,7 +49,8 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Generates text for tenants; see the top of this file for authentication and errors.
+    """
 
     def Generate(self, request, context):
         """Streams the generation as it is produced: one message per token or per few tokens.
@@ -88,7 +90,8 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """Missing associated documentation comment in .proto file."""
+    """Generates text for tenants; see the top of this file for authentication and errors.
+    """
 
     @staticmethod
     def Generate(request,

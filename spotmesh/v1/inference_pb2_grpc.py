@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Missing associated documentation comment in .proto file."""
+    """One replica's API: generation, load reports and draining.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """One replica's API: generation, load reports and draining.
+    """
 
     def Generate(self, request, context):
         """Streams generated tokens. Cancelling the call aborts the engine request. A draining
@@ -105,7 +107,8 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Missing associated documentation comment in .proto file."""
+    """One replica's API: generation, load reports and draining.
+    """
 
     @staticmethod
     def Generate(request,

@@ -1,0 +1,130 @@
+"""Which replica the gateway sends a request to: only healthy replicas serving the model, the
+least loaded of them, spot before on-demand among equals, never an excluded one."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.gateway.replicas import FAILURES_BEFORE_SKIP, Replica, ReplicaSet
+from spotmesh.v1 import common_pb2, inference_pb2
+
+MODEL = "tiny"
+SPOT, ON_DEMAND = common_pb2.POOL_SPOT, common_pb2.POOL_ON_DEMAND
+
+
+def replica(
+    address: str,
+    *,
+    model: str = MODEL,
+    pool: int = ON_DEMAND,
+    waiting: int = 0,
+    kv: float = 0.0,
+    in_flight: int = 0,
+    draining: bool = False,
+    reachable: bool = True,
+    failures: int = 0,
+    reported: bool = True,
+) -> Replica:
+    report = inference_pb2.LoadReport(
+        replica=f"r-{address}", pool=pool, model=model, waiting=waiting, kv_cache_usage=kv,
+        draining=draining,
+    ) if reported else None
+    # No network: picking must never touch the channel or the stub.
+    return Replica(address, channel=None, stub=None, report=report, reachable=reachable,
+                   consecutive_failures=failures, in_flight=in_flight)
+
+
+def replica_set(*replicas: Replica) -> ReplicaSet:
+    rs = ReplicaSet(static=[])
+    rs.replicas = {r.address: r for r in replicas}
+    return rs
+
+
+def picked(*replicas: Replica, model: str = MODEL, exclude=frozenset()) -> str | None:
+    choice = replica_set(*replicas).pick(model, exclude=set(exclude))
+    return choice.address if choice else None
+
+
+@pytest.mark.parametrize("unfit", [
+    pytest.param({"draining": True}, id="draining"),
+    pytest.param({"reachable": False}, id="unreachable"),
+    pytest.param({"model": "other"}, id="wrong model"),
+    pytest.param({"failures": FAILURES_BEFORE_SKIP}, id="repeatedly failing"),
+    pytest.param({"failures": FAILURES_BEFORE_SKIP + 5}, id="failing a lot"),
+    pytest.param({"reported": False}, id="never reported"),
+])
+def test_unfit_replica_is_never_picked_even_when_idle(unfit: dict) -> None:
+    # The unfit replica is idle, spot and listed first; the fit one is busy and on-demand.
+    bad = replica("bad", pool=SPOT, **unfit)
+    busy = replica("busy", waiting=50, kv=0.99, in_flight=10)
+    assert picked(bad, busy) == "busy"
+    assert picked(bad) is None
+
+
+def test_one_failure_is_not_yet_a_reason_to_skip() -> None:
+    assert FAILURES_BEFORE_SKIP > 1
+    flaky = replica("flaky", failures=FAILURES_BEFORE_SKIP - 1)
+    assert picked(flaky, replica("busy", waiting=3)) == "flaky"
+
+
+def test_marking_failures_and_success_moves_a_replica_out_and_back() -> None:
+    a, b = replica("a"), replica("b", waiting=1)
+    rs = replica_set(a, b)
+    for _ in range(FAILURES_BEFORE_SKIP):
+        assert rs.pick(MODEL).address == "a"
+        rs.mark_failed(a)
+    assert rs.pick(MODEL).address == "b"
+    rs.mark_ok(a)
+    assert rs.pick(MODEL).address == "a"
+
+
+def test_least_loaded_replica_is_picked() -> None:
+    assert picked(replica("a", waiting=3), replica("b", waiting=1), replica("c", waiting=2)) == "b"
+
+
+def test_gateway_streams_count_as_load() -> None:
+    # b's engine queue is shorter but this gateway already has more streams open on it.
+    assert picked(replica("a", waiting=2, in_flight=0), replica("b", waiting=0, in_flight=3)) == "a"
+    assert replica("x", waiting=2, in_flight=3).load_key()[0] == 5
+
+
+def test_kv_cache_use_breaks_a_queue_tie() -> None:
+    assert picked(replica("a", waiting=1, kv=0.8), replica("b", waiting=1, kv=0.2)) == "b"
+
+
+def test_queue_outweighs_kv_cache_use() -> None:
+    assert picked(replica("a", waiting=2, kv=0.0), replica("b", waiting=1, kv=0.9)) == "b"
+
+
+@pytest.mark.parametrize("order", [("od", "spot"), ("spot", "od")])
+def test_spot_replica_wins_a_tie(order) -> None:
+    reps = {"od": replica("od", pool=ON_DEMAND, waiting=1, kv=0.5),
+            "spot": replica("spot", pool=SPOT, waiting=1, kv=0.5)}
+    assert picked(*(reps[name] for name in order)) == "spot"
+
+
+def test_less_loaded_on_demand_beats_busier_spot() -> None:
+    assert picked(replica("spot", pool=SPOT, waiting=2), replica("od", pool=ON_DEMAND)) == "od"
+
+
+def test_unknown_pool_ranks_with_on_demand() -> None:
+    unknown = replica("unknown", pool=common_pb2.POOL_UNSPECIFIED)
+    assert picked(unknown, replica("spot", pool=SPOT)) == "spot"
+    assert unknown.pool == "on-demand"
+
+
+def test_excluded_replicas_are_skipped() -> None:
+    reps = [replica("a"), replica("b", waiting=1), replica("c", waiting=2)]
+    assert picked(*reps, exclude={"a"}) == "b"
+    assert picked(*reps, exclude={"a", "b"}) == "c"
+    assert picked(*reps, exclude={"a", "b", "c"}) is None
+
+
+def test_no_replica_for_the_model_picks_none() -> None:
+    assert picked(replica("a", model="other")) is None
+    assert picked() is None
+
+
+def test_name_is_the_reported_id_falling_back_to_the_address() -> None:
+    assert replica("10.0.0.1:7000").name == "r-10.0.0.1:7000"
+    assert replica("10.0.0.1:7000", reported=False).name == "10.0.0.1:7000"
