@@ -56,6 +56,7 @@ class EngineInfo:
     max_model_len: int
     kv_block_size: int
     kv_capacity_blocks: int
+    quantization: str = ""  # as the engine names it; "" for unquantized weights
 
 
 class EngineError(RuntimeError):

@@ -195,6 +195,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             kv_block_size=self.info.kv_block_size,
             kv_capacity_blocks=self.info.kv_capacity_blocks,
             in_flight=len(self._in_flight),
+            quantization=self.info.quantization,
         )
         if load.gpu_utilization is not None:
             report.gpu_utilization = load.gpu_utilization

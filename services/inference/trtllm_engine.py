@@ -305,6 +305,7 @@ def engine_info(
         max_model_len=max_len,
         kv_block_size=block,
         kv_capacity_blocks=_first_positive(kv.get("maxNumBlocks")),
+        quantization=cfg.quantization,
     )
 
 

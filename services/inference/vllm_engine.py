@@ -139,6 +139,7 @@ class VLLMEngine(Engine):
             max_model_len=vc.model_config.max_model_len,
             kv_block_size=vc.cache_config.block_size,
             kv_capacity_blocks=int(vc.cache_config.num_gpu_blocks or 0),
+            quantization=str(vc.model_config.quantization or ""),
         )
 
     async def generate(

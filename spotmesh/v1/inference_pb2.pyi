@@ -39,7 +39,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("replica", "pool", "model", "engine", "waiting", "running", "kv_cache_usage", "gpu_utilization", "draining", "max_model_len", "kv_block_size", "kv_capacity_blocks", "in_flight")
+    __slots__ = ("replica", "pool", "model", "engine", "waiting", "running", "kv_cache_usage", "gpu_utilization", "draining", "max_model_len", "kv_block_size", "kv_capacity_blocks", "in_flight", "quantization")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class LoadReport(_message.Message):
     KV_BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     replica: str
     pool: _common_pb2.Pool
     model: str
@@ -66,7 +67,8 @@ class LoadReport(_message.Message):
     kv_block_size: int
     kv_capacity_blocks: int
     in_flight: int
-    def __init__(self, replica: _Optional[str] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., gpu_utilization: _Optional[float] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    quantization: str
+    def __init__(self, replica: _Optional[str] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., gpu_utilization: _Optional[float] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("grace_seconds",)
