@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--requests", type=int, default=0,
                     help="requests per concurrency level (default 4x concurrency, >= 16)")
     bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--stream-interval", type=int, default=1,
+                    help="vLLM stream_interval on both sides (tokens per streamed chunk)")
     bs.add_argument("--prompts", default="",
                     help="JSONL of prompts (default: ../shared/data/prefix_cache/"
                          "awesome_chatgpt_system_prompts.jsonl when present)")

@@ -78,6 +78,15 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[i]
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), for CPU cost per token."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _closed_loop(n_requests: int, concurrency: int, one) -> Result:
     """``concurrency`` workers each send their next request as soon as the last one ends."""
     result = Result()
@@ -135,7 +144,8 @@ async def run_direct(model_dir: str, name: str, prompts: list[str], levels, n_fo
     return out
 
 
-async def run_mesh(address: str, key: str, prompts, levels, n_for, max_tokens) -> dict[int, dict]:
+async def run_mesh(address: str, key: str, prompts, levels, n_for, max_tokens,
+                   gateway_pid: int | None = None) -> dict[int, dict]:
     import grpc
 
     from spotmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -159,8 +169,12 @@ async def run_mesh(address: str, key: str, prompts, levels, n_for, max_tokens) -
 
         await _closed_loop(4, 4, one)
         for c in levels:
+            cpu_before = process_cpu_seconds(gateway_pid) if gateway_pid else 0.0
             r = await _closed_loop(n_for(c), c, one)
             out[c] = r.summary()
+            if gateway_pid and r.tokens:
+                cpu = process_cpu_seconds(gateway_pid) - cpu_before
+                out[c]["gateway_cpu_us_per_token"] = round(1e6 * cpu / r.tokens, 1)
             print(f"  mesh    c={c:<4} {out[c]['tokens_per_s']:>9.1f} tok/s  "
                   f"ttft p50 {out[c]['ttft_ms_p50']} ms", file=sys.stderr, flush=True)
     return out
@@ -174,6 +188,8 @@ def main(a) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # The same vLLM process layout on both sides (see spotmesh.mesh.LocalMesh._env).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     except ValueError:
@@ -190,7 +206,8 @@ def main(a) -> int:
     model_dir = a.model or str(ensure_default_model())
     name = DEFAULT_MODEL_NAME if not a.model else Path(a.model).name
     # The same engine configuration on both sides.
-    engine_cfg = EngineConfig(served_model_name=name, enforce_eager=True, max_num_seqs=256)
+    engine_cfg = EngineConfig(served_model_name=name, enforce_eager=True, max_num_seqs=256,
+                              stream_interval=a.stream_interval)
     print(f"bench serve: {len(prompts)} prompts, levels {levels}, max_tokens {a.max_tokens}",
           file=sys.stderr, flush=True)
     print("engine-direct (in process):", file=sys.stderr, flush=True)
@@ -202,13 +219,15 @@ def main(a) -> int:
     with tempfile.TemporaryDirectory(prefix="spotmesh-bench-") as state:
         mesh = LocalMesh(Path(state), replicas=1, spot_replicas=0, port=0, api_keys=None,
                          model=model_dir, served_model_name=name,
-                         inference_args=["--enforce-eager", "--max-num-seqs", "256"],
-                         kv_cache_gib=float(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
+                         inference_args=["--enforce-eager", "--max-num-seqs", "256",
+                                         "--stream-interval", str(a.stream_interval)],
+                         kv_cache_gib=int(os.environ["VLLM_CPU_KVCACHE_SPACE"]),
                          log=lambda m: print(m, file=sys.stderr, flush=True))
         try:
             mesh_state = mesh.start()
             through = asyncio.run(run_mesh(mesh_state.gateway().address, mesh.dev_key,
-                                           prompts, levels, n_for, a.max_tokens))
+                                           prompts, levels, n_for, a.max_tokens,
+                                           mesh_state.gateway().pid))
         finally:
             mesh.stop()
 
@@ -227,6 +246,7 @@ def main(a) -> int:
         "benchmark": "serve",
         "model": name,
         "max_tokens": a.max_tokens,
+        "stream_interval": a.stream_interval,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
         "runs": runs,
