@@ -86,6 +86,15 @@ def test_generate_streams_tokens_from_the_engine(stub, mesh, tiny_model):
     assert not last.cache_hit
 
 
+def test_spotmesh_generate_streams_to_the_terminal(mesh):
+    out = subprocess.run(
+        [sys.executable, "-m", "spotmesh.cli", "generate", "Tell me about spot instances",
+         "--max-tokens", "8"], env=mesh.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+    assert "FINISH_REASON_LENGTH" in out.stderr and "completion 8 tokens" in out.stderr
+
+
 def test_complete_returns_the_same_text_as_the_stream(stub, mesh):
     req = gateway_pb2.GenerateRequest(prompt="The same question", sampling=greedy(20))
     streamed = list(stub.Generate(req, metadata=mesh.metadata, timeout=60))

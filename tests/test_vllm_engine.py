@@ -119,3 +119,13 @@ def test_load_reports_queue_and_kv_usage_while_busy(vllm_engine, loop_thread):
     assert peak_running >= 2
     assert 0.0 < peak_kv <= 1.0
     assert engine.load().gpu_utilization is None  # no GPU on this machine
+
+
+def test_token_ids_outside_the_vocabulary_are_rejected(vllm_engine, loop_thread):
+    from services.inference.engine import RequestRejected
+
+    engine, _ = vllm_engine
+    with pytest.raises(RequestRejected):
+        loop_thread.run(collect(engine, "oov-1", [1, 10**6], GREEDY))
+    # The engine goes on serving.
+    assert loop_thread.run(collect(engine, "oov-2", [1, 5], GREEDY))[-1].finish_reason

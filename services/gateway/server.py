@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -67,9 +68,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except Rejected as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
-        except BaseException:
+        except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            # A bug, not the caller's fault: say so plainly and keep the details in the log.
+            code = grpc.StatusCode.INTERNAL
+            log.exception("request failed")
+            await context.abort(code, "internal error in the gateway; see its log")
         finally:
             IN_FLIGHT.dec()
             REQUESTS.labels("Generate", code.name).inc()
@@ -97,9 +103,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except Rejected as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
-        except BaseException:
+        except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception:
+            # A bug, not the caller's fault: say so plainly and keep the details in the log.
+            code = grpc.StatusCode.INTERNAL
+            log.exception("request failed")
+            await context.abort(code, "internal error in the gateway; see its log")
         finally:
             IN_FLIGHT.dec()
             REQUESTS.labels("Complete", code.name).inc()

@@ -145,12 +145,14 @@ class VLLMEngine(Engine):
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], sampling: Sampling
     ) -> AsyncIterator[Chunk]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
         assert self.llm is not None, "start() first"
         try:
             params = sampling_params(sampling)
-        except ValueError as exc:  # vLLM's own validation of sampling values
+        except (ValueError, VLLMClientError) as exc:  # vLLM's own validation of sampling values
             raise RequestRejected(str(exc)) from exc
         stream = self.llm.generate(
             TokensPrompt(prompt_token_ids=prompt_token_ids), params, request_id
@@ -165,9 +167,11 @@ class VLLMEngine(Engine):
                     prompt_tokens=len(out.prompt_token_ids or prompt_token_ids),
                     cached_prompt_tokens=out.num_cached_tokens or 0,
                 )
-        except ValueError as exc:
+        except (ValueError, VLLMClientError) as exc:
             # vLLM validates prompts against the model (length, token ids) when adding them.
             raise RequestRejected(str(exc)) from exc
+        except (EngineDeadError, EngineGenerateError) as exc:
+            raise EngineError(f"vLLM: {exc.__class__.__name__}: {exc.__cause__ or exc}") from exc
         finally:
             # Closing vLLM's generator aborts the engine request if it is still running.
             await stream.aclose()
