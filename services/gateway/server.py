@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -59,12 +60,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.replicas = replicas
         self.ledger = ledger
 
-    async def Generate(self, request, context):
+    @contextlib.asynccontextmanager
+    async def _outcome(self, method: str, context):
+        """Turns whatever ends a call into its status code: in metrics and on the wire."""
         code = grpc.StatusCode.OK
         IN_FLIGHT.inc()
         try:
-            async for msg in self._generate(request, context):
-                yield msg
+            yield
         except Rejected as exc:
             code = exc.code
             await context.abort(exc.code, exc.message)
@@ -74,18 +76,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except Exception:
             # A bug, not the caller's fault: say so plainly and keep the details in the log.
             code = grpc.StatusCode.INTERNAL
-            log.exception("request failed")
+            log.exception("request failed", extra=fields(method=method))
             await context.abort(code, "internal error in the gateway; see its log")
         finally:
             IN_FLIGHT.dec()
-            REQUESTS.labels("Generate", code.name).inc()
+            REQUESTS.labels(method, code.name).inc()
+
+    async def Generate(self, request, context):
+        async with self._outcome("Generate", context):
+            async for msg in self._generate(request, context):
+                yield msg
 
     async def Complete(self, request, context):
-        code = grpc.StatusCode.OK
-        IN_FLIGHT.inc()
         out = gateway_pb2.GenerateResponse()
         text: list[str] = []
-        try:
+        async with self._outcome("Complete", context):
             async for msg in self._generate(request, context):
                 text.append(msg.text)
                 out.token_ids.extend(msg.token_ids)
@@ -99,21 +104,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     out.cost_usd = msg.cost_usd
                     out.cache_hit = msg.cache_hit
             out.text = "".join(text)
-            return out
-        except Rejected as exc:
-            code = exc.code
-            await context.abort(exc.code, exc.message)
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            # A bug, not the caller's fault: say so plainly and keep the details in the log.
-            code = grpc.StatusCode.INTERNAL
-            log.exception("request failed")
-            await context.abort(code, "internal error in the gateway; see its log")
-        finally:
-            IN_FLIGHT.dec()
-            REQUESTS.labels("Complete", code.name).inc()
+        return out
 
     def _admit(self, request, context):
         try:
