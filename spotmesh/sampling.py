@@ -85,3 +85,23 @@ def sampling_from_proto(
         stop=tuple(s.stop),
         seed=s.seed if s.HasField("seed") else None,
     )
+
+
+def fingerprint(s: Sampling, context: str = "") -> str:
+    """What, besides the prompt's meaning, must match for a cached answer to be reusable: every
+    sampling parameter that changes the answer, and ``context`` (the conversation before the
+    last user turn, verbatim). ``max_tokens`` is left out: an answer that finished within a
+    smaller budget is valid for a larger one, and the gateway checks the length on a hit."""
+    import hashlib
+    import json
+
+    doc = {
+        "temperature": round(s.temperature, 6),
+        "top_p": round(s.top_p, 6),
+        "top_k": s.top_k,
+        "stop": sorted(s.stop),
+        # A seed only matters when sampling.
+        "seed": s.seed if s.temperature > 0 else None,
+        "context": hashlib.sha256(context.encode()).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]

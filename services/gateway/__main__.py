@@ -11,6 +11,7 @@ from services.gateway.config import GatewayConfig, parse
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog
 from services.gateway.replicas import ReplicaSet
+from services.gateway.semantic import SemanticCacheClient
 from services.gateway.server import GatewayServicer
 from spotmesh.decoding import add_servicer
 from spotmesh.runtime import ServerProcess, run, setup_logging
@@ -38,8 +39,13 @@ async def main(cfg: GatewayConfig) -> None:
         on_report=lambda r: catalog.observe_context_length(r.model, r.max_model_len),
     )
     await replicas.start()
+    semantic = None
+    if cfg.cache:
+        semantic = SemanticCacheClient(cfg.embedder, cfg.cache, cfg.cache_token,
+                                       timeout_seconds=cfg.cache_timeout_seconds)
     service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
-    servicer = GatewayServicer(cfg, keys, catalog, replicas, CostLedger(cfg.prices_usd_per_hour))
+    servicer = GatewayServicer(cfg, keys, catalog, replicas, CostLedger(cfg.prices_usd_per_hour),
+                               semantic)
     proc = ServerProcess("gateway", cfg.server, [service.full_name])
     await proc.start(lambda server: add_servicer(server, servicer, service))
     try:
@@ -47,6 +53,8 @@ async def main(cfg: GatewayConfig) -> None:
         await proc.serve_until_signal(grace_seconds=30.0)
     finally:
         await replicas.close()
+        if semantic is not None:
+            await semantic.close()
 
 
 if __name__ == "__main__":

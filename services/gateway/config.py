@@ -37,6 +37,11 @@ class GatewayConfig:
     load_poll_seconds: float = 0.5
     # Attempts to start a stream on another replica when one fails before its first token.
     start_attempts: int = 3
+    # The semantic cache: both addresses set turns it on.
+    embedder: str = ""
+    cache: str = ""
+    cache_token: str = ""  # the gateway's service credential for the cache
+    cache_timeout_seconds: float = 1.0
 
 
 def _key_value(text: str, flag: str) -> tuple[str, str]:
@@ -60,7 +65,15 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens_limit)
     p.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens)
     p.add_argument("--load-poll-seconds", type=float, default=0.5)
+    p.add_argument("--embedder", default="", metavar="HOST:PORT")
+    p.add_argument("--cache", default="", metavar="HOST:PORT")
+    p.add_argument("--cache-token", default=os.environ.get("SPOTMESH_CACHE_TOKEN", ""))
+    p.add_argument("--cache-timeout-seconds", type=float, default=1.0)
     a = p.parse_args(argv)
+    if bool(a.embedder) != bool(a.cache):
+        p.error("--embedder and --cache go together (both turn the semantic cache on)")
+    if a.cache and not a.cache_token:
+        p.error("--cache needs --cache-token (or SPOTMESH_CACHE_TOKEN)")
     models = dict(_key_value(m, "--model") for m in a.model)
     prices = dict(DEFAULT_PRICES_USD_PER_HOUR)
     for item in a.price:
@@ -83,4 +96,8 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
             default_max_tokens=a.default_max_tokens,
         ),
         load_poll_seconds=a.load_poll_seconds,
+        embedder=a.embedder,
+        cache=a.cache,
+        cache_token=a.cache_token,
+        cache_timeout_seconds=a.cache_timeout_seconds,
     )

@@ -15,11 +15,12 @@ from services.gateway.config import GatewayConfig
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog, UnknownModel
 from services.gateway.replicas import Replica, ReplicaSet
+from services.gateway.semantic import SemanticCacheClient, plan_for, replay, storable
 from services.gateway.validation import validate
 from spotmesh.metrics import ITL_BUCKETS, TTFT_BUCKETS
 from spotmesh.runtime import fields
 from spotmesh.sampling import InvalidField
-from spotmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, inference_pb2
+from spotmesh.v1 import cache_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc, inference_pb2
 
 log = logging.getLogger("spotmesh.gateway")
 
@@ -53,12 +54,14 @@ class Rejected(Exception):
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, cfg: GatewayConfig, keys: ApiKeys, catalog: ModelCatalog,
-                 replicas: ReplicaSet, ledger: CostLedger) -> None:
+                 replicas: ReplicaSet, ledger: CostLedger,
+                 semantic: SemanticCacheClient | None = None) -> None:
         self.cfg = cfg
         self.keys = keys
         self.catalog = catalog
         self.replicas = replicas
         self.ledger = ledger
+        self.semantic = semantic
 
     @contextlib.asynccontextmanager
     async def _outcome(self, method: str, context):
@@ -143,6 +146,43 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _generate(self, request, context):
         arrived = time.monotonic()
         tenant, valid, model, prompt_ids = self._admit(request, context)
+        plan = plan_for(tenant, valid) if self.semantic else None
+        vector = None
+        if plan is not None:
+            vector, answer = await self.semantic.lookup(tenant, model.name, plan)
+            if answer is not None and len(answer.token_ids) <= valid.sampling.max_tokens:
+                self.semantic.book_hit(tenant, answer)
+                first = True
+                for msg in replay(answer, model.tokenizer, valid.request_id, len(prompt_ids)):
+                    if first:
+                        TTFT.observe(time.monotonic() - arrived)
+                        first = False
+                    yield msg
+                return
+            self.semantic.book(tenant, "miss" if vector is not None else "error")
+        elif self.semantic:
+            self.semantic.book(tenant, "bypass")
+        collect = plan is not None and vector is not None
+        texts: list[str] = []
+        token_ids: list[int] = []
+        outcome: dict[str, float] = {}
+        async for msg in self._from_replicas(tenant, valid, model, prompt_ids, context, arrived,
+                                             outcome):
+            if collect:
+                texts.append(msg.text)
+                token_ids.extend(msg.token_ids)
+                if msg.finish_reason and storable(msg.finish_reason, plan):
+                    self.semantic.store_later(cache_pb2.StoreRequest(
+                        tenant=tenant.name, model=model.name,
+                        sampling_fingerprint=plan.fingerprint, vector=vector,
+                        prompt=plan.key_text, text="".join(texts), token_ids=token_ids,
+                        ttl_seconds=plan.ttl_seconds, finish_reason=msg.finish_reason,
+                        usage=msg.usage, cost_usd=msg.cost_usd,
+                        replica_seconds=outcome.get("replica_seconds", 0.0),
+                        replace=not plan.lookup))
+            yield msg
+
+    async def _from_replicas(self, tenant, valid, model, prompt_ids, context, arrived, outcome):
         inference_request = inference_pb2.InferenceRequest(
             request_id=valid.request_id,
             model=model.name,
@@ -161,7 +201,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             sent = False
             try:
                 async for msg in self._relay(replica, inference_request, context, tenant.name,
-                                             arrived):
+                                             arrived, outcome):
                     sent = True
                     yield msg
                 return
@@ -184,7 +224,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        f"no replica available for model {model.name!r} ({last_error}); retry "
                        "with backoff")
 
-    async def _relay(self, replica: Replica, request, context, tenant: str, arrived: float):
+    async def _relay(self, replica: Replica, request, context, tenant: str, arrived: float,
+                     outcome: dict[str, float]):
         remaining = context.time_remaining()
         call = replica.stub.Generate(request, timeout=remaining)
         replica.in_flight += 1
@@ -205,6 +246,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     ITL.observe(now - last)
                 last = now
                 if chunk.finish_reason:
+                    outcome["replica_seconds"] = chunk.replica_seconds
                     msg.finish_reason = chunk.finish_reason
                     msg.usage.CopyFrom(chunk.usage)
                     msg.served_by.CopyFrom(served_by)

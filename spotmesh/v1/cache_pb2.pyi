@@ -9,19 +9,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("tenant", "model", "sampling_fingerprint", "vector")
+    __slots__ = ("tenant", "model", "sampling_fingerprint", "vector", "threshold")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     sampling_fingerprint: str
     vector: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., sampling_fingerprint: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+    threshold: float
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., sampling_fingerprint: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class CachedAnswer(_message.Message):
-    __slots__ = ("prompt", "text", "token_ids", "similarity", "created_at", "expires_at", "finish_reason")
+    __slots__ = ("entry_id", "prompt", "text", "token_ids", "similarity", "created_at", "expires_at", "finish_reason", "usage", "cost_usd", "replica_seconds")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +32,10 @@ class CachedAnswer(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
     prompt: str
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -36,7 +43,10 @@ class CachedAnswer(_message.Message):
     created_at: float
     expires_at: float
     finish_reason: _common_pb2.FinishReason
-    def __init__(self, prompt: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., similarity: _Optional[float] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
+    usage: _common_pb2.Usage
+    cost_usd: float
+    replica_seconds: float
+    def __init__(self, entry_id: _Optional[str] = ..., prompt: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., similarity: _Optional[float] = ..., created_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., replica_seconds: _Optional[float] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit", "answer")
@@ -47,7 +57,7 @@ class LookupResponse(_message.Message):
     def __init__(self, hit: _Optional[bool] = ..., answer: _Optional[_Union[CachedAnswer, _Mapping]] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("tenant", "model", "sampling_fingerprint", "vector", "prompt", "text", "token_ids", "ttl_seconds", "finish_reason")
+    __slots__ = ("tenant", "model", "sampling_fingerprint", "vector", "prompt", "text", "token_ids", "ttl_seconds", "finish_reason", "usage", "cost_usd", "replica_seconds", "replace")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +67,10 @@ class StoreRequest(_message.Message):
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     model: str
     sampling_fingerprint: str
@@ -66,11 +80,19 @@ class StoreRequest(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     ttl_seconds: float
     finish_reason: _common_pb2.FinishReason
-    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., sampling_fingerprint: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., prompt: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., ttl_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
+    usage: _common_pb2.Usage
+    cost_usd: float
+    replica_seconds: float
+    replace: bool
+    def __init__(self, tenant: _Optional[str] = ..., model: _Optional[str] = ..., sampling_fingerprint: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., prompt: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., ttl_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., cost_usd: _Optional[float] = ..., replica_seconds: _Optional[float] = ..., replace: _Optional[bool] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("entry_id", "replaced")
+    ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    entry_id: str
+    replaced: int
+    def __init__(self, entry_id: _Optional[str] = ..., replaced: _Optional[int] = ...) -> None: ...
 
 class InvalidateRequest(_message.Message):
     __slots__ = ("tenant", "model", "prompt")
@@ -95,14 +117,18 @@ class StatsRequest(_message.Message):
     def __init__(self, tenant: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("entries", "hits", "misses")
+    __slots__ = ("entries", "lookups", "hits", "stores", "expired_swept")
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
-    MISSES_FIELD_NUMBER: _ClassVar[int]
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_SWEPT_FIELD_NUMBER: _ClassVar[int]
     entries: int
+    lookups: int
     hits: int
-    misses: int
-    def __init__(self, entries: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+    stores: int
+    expired_swept: int
+    def __init__(self, entries: _Optional[int] = ..., lookups: _Optional[int] = ..., hits: _Optional[int] = ..., stores: _Optional[int] = ..., expired_swept: _Optional[int] = ...) -> None: ...
 
 class MatchRequest(_message.Message):
     __slots__ = ("model", "block_hashes")

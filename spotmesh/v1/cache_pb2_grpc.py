@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class SemanticCacheStub:
-    """Missing associated documentation comment in .proto file."""
+    """Whole answers keyed by the meaning of their prompt, per tenant. Isolation between tenants is
+    by filter on every operation; entries expire at an absolute time that hits never extend.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,31 +60,35 @@ class SemanticCacheStub:
 
 
 class SemanticCacheServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Whole answers keyed by the meaning of their prompt, per tenant. Isolation between tenants is
+    by filter on every operation; entries expire at an absolute time that hits never extend.
+    """
 
     def Lookup(self, request, context):
-        """The best unexpired entry for (tenant, model, sampling fingerprint) at or above the tenant's
-        similarity threshold, if any.
+        """The most similar unexpired entry of (tenant, model, sampling fingerprint) whose similarity
+        is at or above `threshold`, if any.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Store(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Writes one entry; durable once acknowledged.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Invalidate(self, request, context):
-        """Admin only.
+        """Deletes entries by tenant, model and/or exact prompt. Admin only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Entry and traffic counts, for one tenant or all.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -119,7 +125,9 @@ def add_SemanticCacheServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class SemanticCache:
-    """Missing associated documentation comment in .proto file."""
+    """Whole answers keyed by the meaning of their prompt, per tenant. Isolation between tenants is
+    by filter on every operation; entries expire at an absolute time that hits never extend.
+    """
 
     @staticmethod
     def Lookup(request,
@@ -231,7 +239,8 @@ class SemanticCache:
 
 
 class PrefixCacheStub:
-    """Missing associated documentation comment in .proto file."""
+    """Which replica holds which KV-cache prefix (the prefix-routing issue builds it).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -257,7 +266,8 @@ class PrefixCacheStub:
 
 
 class PrefixCacheServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Which replica holds which KV-cache prefix (the prefix-routing issue builds it).
+    """
 
     def Match(self, request, context):
         """For each replica, how many leading blocks of `block_hashes` it holds.
@@ -307,7 +317,8 @@ def add_PrefixCacheServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PrefixCache:
-    """Missing associated documentation comment in .proto file."""
+    """Which replica holds which KV-cache prefix (the prefix-routing issue builds it).
+    """
 
     @staticmethod
     def Match(request,

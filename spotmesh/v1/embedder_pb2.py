@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspotmesh/v1/embedder.proto\x12\x0bspotmesh.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"W\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.spotmesh.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x32J\n\x08\x45mbedder\x12>\n\x05\x45mbed\x12\x19.spotmesh.v1.EmbedRequest\x1a\x1a.spotmesh.v1.EmbedResponseB<Z:github.com/spotmesh/spotmesh/gen/go/spotmesh/v1;spotmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspotmesh/v1/embedder.proto\x12\x0bspotmesh.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"h\n\rEmbedResponse\x12*\n\nembeddings\x18\x01 \x03(\x0b\x32\x16.spotmesh.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0b\n\x03\x64im\x18\x03 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t2J\n\x08\x45mbedder\x12>\n\x05\x45mbed\x12\x19.spotmesh.v1.EmbedRequest\x1a\x1a.spotmesh.v1.EmbedResponseB<Z:github.com/spotmesh/spotmesh/gen/go/spotmesh/v1;spotmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,7 +38,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDDING']._serialized_start=74
   _globals['_EMBEDDING']._serialized_end=101
   _globals['_EMBEDRESPONSE']._serialized_start=103
-  _globals['_EMBEDRESPONSE']._serialized_end=190
-  _globals['_EMBEDDER']._serialized_start=192
-  _globals['_EMBEDDER']._serialized_end=266
+  _globals['_EMBEDRESPONSE']._serialized_end=207
+  _globals['_EMBEDDER']._serialized_start=209
+  _globals['_EMBEDDER']._serialized_end=283
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,8 @@ class EmbedderServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Embed(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One unit-length vector per text, in order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
