@@ -48,6 +48,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         served_model_name=name,
         inference_args=inference_args,
         kv_cache_gib=a.kv_cache_gib,
+        semantic_cache=not a.no_cache,
+        cache_milvus_uri=a.cache_milvus_uri,
         log=_err,
     )
     stop = {"now": False}
@@ -153,6 +155,18 @@ def cmd_proto_gen(a: argparse.Namespace) -> int:
     return protogen.main()
 
 
+def cmd_bench_cache(a: argparse.Namespace) -> int:
+    from spotmesh.bench import cache
+
+    return cache.main(a)
+
+
+def cmd_cache_calibrate(a: argparse.Namespace) -> int:
+    from services.cache import calibrate
+
+    return calibrate.main(a.passthrough_args)
+
+
 def cmd_bench_serve(a: argparse.Namespace) -> int:
     from spotmesh.bench import serve
 
@@ -183,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-enforce-eager", action="store_true",
                     help="let vLLM compile graphs (slower start, faster decode)")
     up.add_argument("--start-timeout", type=float, default=300.0)
+    up.add_argument("--no-cache", action="store_true",
+                    help="run without the embedder and the semantic cache")
+    up.add_argument("--cache-milvus-uri", default="",
+                    help="a Milvus server for the semantic cache (default: embedded "
+                         "milvus-lite in the state directory)")
     up.set_defaults(fn=cmd_up)
 
     st = sub.add_parser("status", help="print the running mesh as JSON")
@@ -213,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     pg = proto.add_parser("gen", help="regenerate spotmesh/v1 from protos/")
     pg.set_defaults(fn=cmd_proto_gen)
 
+    cache = sub.add_parser("cache", help="semantic-cache tools").add_subparsers(dest="sub",
+                                                                               required=True)
+    cal = cache.add_parser("calibrate", add_help=False,
+                           help="choose a similarity threshold from labelled data "
+                                "(calibrate --help for its options)")
+    cal.set_defaults(fn=cmd_cache_calibrate, passthrough=True)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
     bs = bench.add_parser("serve", help="through-mesh vs engine-direct tokens/s and TTFT")
     bs.add_argument("--concurrency", default="1,8,32")
@@ -227,13 +253,37 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--json", default="", help="write the results here")
     bs.add_argument("--model", default="")
     bs.set_defaults(fn=cmd_bench_serve)
+    bc = bench.add_parser("cache", help="semantic-cache hit rate, precision and latency on "
+                                        "labelled queries, through a mesh")
+    bc.add_argument("--intents", default="",
+                    help="Banking77-style CSV split,intent,text (default: ../shared/data/"
+                         "semantic_cache/banking77_intents.csv)")
+    bc.add_argument("--split", default="test")
+    bc.add_argument("--queries", type=int, default=1000, help="queries after the seeds")
+    bc.add_argument("--prefill", type=int, default=10000, help="unrelated entries cached first")
+    bc.add_argument("--threshold", type=float, default=0.0,
+                    help="the tenant's similarity threshold (default: spotmesh's)")
+    bc.add_argument("--oos-intents", type=int, default=10,
+                    help="intents held out of the seeds (out-of-scope questions)")
+    bc.add_argument("--max-tokens", type=int, default=24)
+    bc.add_argument("--dim", type=int, default=384, help="embedding dimension")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--milvus-server", action="store_true",
+                    help="back the cache with a real Milvus 2.3.5 server (the `milvus` "
+                         "package, in its own network namespace) instead of milvus-lite")
+    bc.add_argument("--json", default="")
+    bc.set_defaults(fn=cmd_bench_cache)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.state_dir is None:
-        args.state_dir = None
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        # Tools with their own option parser (and --help) get the rest of the command line.
+        args.passthrough_args = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.fn(args)
 
 

@@ -99,7 +99,11 @@ def write_dev_keys(path: Path) -> str:
     key = "sk-dev-" + secrets.token_urlsafe(18)
     path.write_text(
         "# Written by `spotmesh up` for local development; pass --api-keys for real keys.\n"
-        f'[[keys]]\ntenant = "dev"\nkey = "{key}"\nmodels = ["*"]\nadmin = true\n'
+        f'[[keys]]\ntenant = "dev"\nkey = "{key}"\nmodels = ["*"]\nadmin = true\n\n'
+        "[tenants.dev]\n"
+        "# The tiny model never emits end-of-sequence under greedy decoding, so every answer\n"
+        "# ends at max_tokens; caching those is what lets the development mesh show hits.\n"
+        "cache_truncated = true\n"
     )
     path.chmod(0o600)
     return key
@@ -140,6 +144,8 @@ class LocalMesh:
         served_model_name: str,
         inference_args: list[str],
         kv_cache_gib: int,
+        semantic_cache: bool = True,
+        cache_milvus_uri: str = "",
         log=print,
     ) -> None:
         self.dir = directory
@@ -151,6 +157,9 @@ class LocalMesh:
         self.served_model_name = served_model_name
         self.inference_args = inference_args
         self.kv_cache_gib = kv_cache_gib
+        self.semantic_cache = semantic_cache
+        # A Milvus server for the cache; empty: embedded milvus-lite in the state directory.
+        self.cache_milvus_uri = cache_milvus_uri
         self.log = log
         self.children: list[Child] = []
         self.state: MeshState | None = None
@@ -174,7 +183,7 @@ class LocalMesh:
         ready.unlink(missing_ok=True)
         logfile = self.dir / "logs" / f"{name}.log"
         out = open(logfile, "ab")
-        module = "services.gateway" if role == "gateway" else "services.inference"
+        module = f"services.{role}"
         popen = subprocess.Popen(
             [sys.executable, "-m", module, *args, "--ready-file", str(ready)],
             stdout=out,
@@ -233,7 +242,9 @@ class LocalMesh:
         self.state = MeshState(supervisor_pid=os.getpid(), api_keys=str(keys))
 
         self.log(f"starting {self.n_replicas} inference replica(s) "
-                 f"({self.spot_replicas} spot) with model {self.served_model_name}")
+                 f"({self.spot_replicas} spot) with model {self.served_model_name}"
+                 + (", the embedder and the semantic cache" if self.semantic_cache else ""))
+        support = self._spawn_cache_tier() if self.semantic_cache else []
         replicas = []
         for i in range(self.n_replicas):
             pool = "spot" if i >= self.n_replicas - self.spot_replicas else "on-demand"
@@ -244,7 +255,7 @@ class LocalMesh:
             replicas.append(self._spawn("inference", name, args, pool))
         self.children.extend(replicas)
         self._publish()
-        self._wait_ready(replicas, timeout)
+        self._wait_ready(support + replicas, timeout)
         replicas_file = self.dir / "replicas.json"
         tmp = replicas_file.with_suffix(".tmp")
         tmp.write_text(json.dumps([c.info.address for c in replicas]))
@@ -253,12 +264,40 @@ class LocalMesh:
         gw_args = ["--port", str(self.port), "--api-keys", str(keys),
                    "--model", f"{self.served_model_name}={self.model}",
                    "--replicas-file", str(replicas_file)]
+        if support:
+            embedder, cache = support
+            gw_args += ["--embedder", embedder.info.address, "--cache", cache.info.address,
+                        "--cache-token", self._cache_tokens()[0]]
         gateway = self._spawn("gateway", "gateway", gw_args)
         self.children.insert(0, gateway)
         self._publish()
         self._wait_ready([gateway], timeout)
         self._publish()
         return self.state
+
+    def _cache_tokens(self) -> tuple[str, str]:
+        """The gateway's service token and the operator's admin token for the cache, kept in
+        the state directory so a restarted mesh (and `spotmesh` tools) reuse them."""
+        path = self.dir / "cache-tokens.json"
+        if not path.exists():
+            path.write_text(json.dumps({"service": secrets.token_urlsafe(24),
+                                        "admin": secrets.token_urlsafe(24)}))
+            path.chmod(0o600)
+        doc = json.loads(path.read_text())
+        return doc["service"], doc["admin"]
+
+    def _spawn_cache_tier(self) -> list[Child]:
+        service, admin = self._cache_tokens()
+        embedder = self._spawn("embedder", "embedder", ["--port", "0"])
+        # The Milvus data lives in the state directory: a restarted mesh keeps its answers.
+        (self.dir / "cache").mkdir(exist_ok=True)
+        cache = self._spawn("cache", "cache", [
+            "--port", "0",
+            "--milvus-uri", self.cache_milvus_uri or str(self.dir / "cache" / "milvus.db"),
+            "--token", service, "--admin-token", admin])
+        tier = [embedder, cache]
+        self.children.extend(tier)
+        return tier
 
     def _publish(self) -> None:
         assert self.state is not None
@@ -277,10 +316,13 @@ class LocalMesh:
             time.sleep(0.5)
 
     def stop(self, grace: float = 30.0) -> None:
-        """Gateway first (stops admitting, finishes its streams), then the replicas."""
-        gateways = [c for c in self.children if c.info.role == "gateway"]
-        others = [c for c in self.children if c.info.role != "gateway"]
-        for group in (gateways, others):
+        """Gateway first (stops admitting, finishes its streams and pending cache stores), then
+        the replicas, then the cache tier."""
+        order = {"gateway": 0, "inference": 1}
+        groups: dict[int, list[Child]] = {}
+        for c in self.children:
+            groups.setdefault(order.get(c.info.role, 2), []).append(c)
+        for _, group in sorted(groups.items()):
             for c in group:
                 if c.popen.poll() is None:
                     c.popen.send_signal(signal.SIGTERM)

@@ -108,6 +108,8 @@ class Mesh:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, tiny_model):
-    m = Mesh(tmp_path_factory.mktemp("mesh"), "--replicas", "2")
+    # The serving path alone: the semantic cache would answer the repeated prompts these tests
+    # send (tests/test_mesh_cache.py runs the mesh with it).
+    m = Mesh(tmp_path_factory.mktemp("mesh"), "--replicas", "2", "--no-cache")
     yield m
     m.stop()
