@@ -139,7 +139,7 @@ def test_savings_are_booked_in_dollars(cache_mesh):
     gw = cache_mesh.state.gateway()
     text = urllib.request.urlopen(f"http://{gw.metrics}/metrics", timeout=5).read().decode()
     saved = [line for line in text.splitlines()
-             if line.startswith('spotmesh_gateway_cache_saved_usd_total{tenant="alpha"}')]
+             if line.startswith('spotmesh_semantic_cache_saved_usd_total{tenant="alpha"}')]
     assert saved and float(saved[0].rsplit(" ", 1)[1]) > 0
     assert 'spotmesh_gateway_cache_requests_total{result="hit",tenant="alpha"}' in text
 

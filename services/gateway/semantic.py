@@ -39,13 +39,13 @@ CACHE_ERRORS = Counter(
     "spotmesh_gateway_cache_errors_total",
     "Embedder or cache calls that failed; the request was served without the cache.", ["stage"])
 SAVED_USD = Counter(
-    "spotmesh_gateway_cache_saved_usd_total", "Dollars not spent thanks to cache hits.",
+    "spotmesh_semantic_cache_saved_usd_total", "Dollars not spent thanks to cache hits.",
     ["tenant"])
 SAVED_TOKENS = Counter(
-    "spotmesh_gateway_cache_saved_tokens_total", "Tokens not generated thanks to cache hits.",
+    "spotmesh_semantic_cache_saved_tokens_total", "Tokens not generated thanks to cache hits.",
     ["tenant"])
 SAVED_SECONDS = Counter(
-    "spotmesh_gateway_cache_saved_replica_seconds_total",
+    "spotmesh_semantic_cache_saved_replica_seconds_total",
     "Replica time not spent thanks to cache hits.", ["tenant"])
 LOOKUP_LATENCY = Histogram(
     "spotmesh_gateway_cache_lookup_seconds", "Embedding plus lookup, as the request waits.",

@@ -111,9 +111,9 @@ async def _run(a, mesh_state, key: str, cache_token: str, seeds, rest, dim: int)
         print(f"prefilling the cache with {a.prefill} entries...", file=sys.stderr, flush=True)
         await _prefill(cache.address, cache_token, a.prefill, DEFAULT_MODEL_NAME, fp, dim)
     answers: dict[str, set[str]] = {}  # answer text -> intents of the queries that made it
-    saved_before = _metric(gateway.metrics, "spotmesh_gateway_cache_saved_usd_total")
+    saved_before = _metric(gateway.metrics, "spotmesh_semantic_cache_saved_usd_total")
     seconds_before = _metric(gateway.metrics,
-                             "spotmesh_gateway_cache_saved_replica_seconds_total")
+                             "spotmesh_semantic_cache_saved_replica_seconds_total")
     async with grpc.aio.insecure_channel(gateway.address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
         print(f"seeding {len(seeds)} intents (one query each)...", file=sys.stderr, flush=True)
@@ -144,9 +144,9 @@ async def _run(a, mesh_state, key: str, cache_token: str, seeds, rest, dim: int)
             if (i + 1) % 100 == 0:
                 print(f"  {i + 1}/{len(rest)}: hit rate {hits / (i + 1):.3f}, precision "
                       f"{correct / max(1, hits):.3f}", file=sys.stderr, flush=True)
-    saved = _metric(gateway.metrics, "spotmesh_gateway_cache_saved_usd_total") - saved_before
+    saved = _metric(gateway.metrics, "spotmesh_semantic_cache_saved_usd_total") - saved_before
     saved_s = _metric(gateway.metrics,
-                      "spotmesh_gateway_cache_saved_replica_seconds_total") - seconds_before
+                      "spotmesh_semantic_cache_saved_replica_seconds_total") - seconds_before
     n = len(rest)
     return {
         "queries": n,
