@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
 from spotmesh.config import ServerConfig
+from spotmesh.files import write_atomically
 
 log = logging.getLogger("spotmesh")
 # `_created` series double every counter's cardinality and no spotmesh dashboard reads them.
@@ -119,7 +120,7 @@ class ServerProcess:
         for svc in ["", *self.service_names]:
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         if cfg.ready_file:
-            _write_atomically(
+            write_atomically(
                 Path(cfg.ready_file),
                 json.dumps(
                     {"address": address, "metrics": metrics_address, "pid": os.getpid(),
@@ -158,13 +159,6 @@ class ServerProcess:
         if self.config.ready_file:
             Path(self.config.ready_file).unlink(missing_ok=True)
         log.info("stopped", extra=fields(service=self.name))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

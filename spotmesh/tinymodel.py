@@ -26,15 +26,15 @@ never leaves a half model where a loader would find it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
 import tempfile
-import uuid
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from spotmesh.files import publish_directory
 
 if TYPE_CHECKING:  # heavy imports stay lazy: default_model_dir() must be cheap
     import torch
@@ -289,7 +289,9 @@ def make_tiny(out_dir: str | Path, *, quantization: str | None = None, seed: int
     try:
         os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make a shared cache unreadable
         _write_model(tmp, variant, seed)
-        _publish(tmp, out, quantization=quantization, seed=seed)
+        publish_directory(
+            tmp, out, lambda d: is_complete_model(d, quantization=quantization, seed=seed)
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -318,33 +320,6 @@ def is_complete_model(
         if not path.is_file() or path.stat().st_size != size:
             return False
     return bool(marker.get("files"))
-
-
-def _publish(tmp: Path, out: Path, *, quantization: str | None, seed: int) -> None:
-    try:
-        os.rename(tmp, out)  # succeeds when out is missing or an empty dir
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    # A concurrent make_tiny may have won the race with an identical model.
-    if is_complete_model(out, quantization=quantization, seed=seed):
-        return
-    # Otherwise out is one of our models of another variant/seed/version:
-    # swap it aside first so readers never see a mix of old and new files.
-    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-    os.rename(out, trash)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if not is_complete_model(out, quantization=quantization, seed=seed):
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------
-# Tokenizer
 
 
 @lru_cache(maxsize=1)

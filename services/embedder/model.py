@@ -20,13 +20,11 @@ instead of serving stale files.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import shutil
 import tempfile
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -36,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from spotmesh.files import publish_directory
 from spotmesh.runtime import fields
 
 log = logging.getLogger("spotmesh.embedder")
@@ -462,7 +461,7 @@ def ensure_export(model_dir: Path, cache_dir: Path, *, quantized: bool) -> Path:
         files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
         marker = {**expected, "files": files}
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
-        _publish(tmp, out, expected)
+        publish_directory(tmp, out, lambda d: _is_current(d, expected))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -587,23 +586,3 @@ def _check_export(src: SourceModel, export_dir: Path, *, quantized: bool) -> Non
         )
 
 
-def _publish(tmp: Path, out: Path, expected: dict[str, Any]) -> None:
-    try:
-        os.rename(tmp, out)  # succeeds when out is missing or an empty dir
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    # A concurrent export may have won the race with identical files.
-    if _is_current(out, expected):
-        return
-    # Otherwise out is a stale export: swap it aside first so readers never see a mix.
-    trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-    os.rename(out, trash)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if not _is_current(out, expected):
-            raise
-    finally:
-        shutil.rmtree(trash, ignore_errors=True)
