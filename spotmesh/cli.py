@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--milvus-server", action="store_true",
                     help="back the cache with a real Milvus 2.3.5 server (the `milvus` "
                          "package, in its own network namespace) instead of milvus-lite")
+    bc.add_argument("--lookup-consistency", default="",
+                    choices=["", "Session", "Bounded", "Eventually", "Strong"],
+                    help="the cache's lookup consistency on a Milvus server (default: what "
+                         "spotmesh up uses, Bounded)")
     bc.add_argument("--json", default="")
     bc.set_defaults(fn=cmd_bench_cache)
     return p

@@ -146,6 +146,7 @@ class LocalMesh:
         kv_cache_gib: int,
         semantic_cache: bool = True,
         cache_milvus_uri: str = "",
+        cache_args: list[str] | None = None,
         log=print,
     ) -> None:
         self.dir = directory
@@ -160,6 +161,11 @@ class LocalMesh:
         self.semantic_cache = semantic_cache
         # A Milvus server for the cache; empty: embedded milvus-lite in the state directory.
         self.cache_milvus_uri = cache_milvus_uri
+        self.cache_args = list(cache_args or [])  # more flags for the cache process
+        if cache_milvus_uri and "--lookup-consistency" not in self.cache_args:
+            # On a server, Session lookups wait behind every fresh store (~150 ms a hit under
+            # load, measured); a cache can afford a moment's staleness (13 ms hits).
+            self.cache_args += ["--lookup-consistency", "Bounded"]
         self.log = log
         self.children: list[Child] = []
         self.state: MeshState | None = None
@@ -294,7 +300,7 @@ class LocalMesh:
         cache = self._spawn("cache", "cache", [
             "--port", "0",
             "--milvus-uri", self.cache_milvus_uri or str(self.dir / "cache" / "milvus.db"),
-            "--token", service, "--admin-token", admin])
+            "--token", service, "--admin-token", admin, *self.cache_args])
         tier = [embedder, cache]
         self.children.extend(tier)
         return tier

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from services.cache.metrics import DEFAULT_MAX_TENANT_LABELS
-from services.cache.semantic import CacheOptions, default_uri
+from services.cache.semantic import LOOKUP_CONSISTENCY, CacheOptions, default_uri
 from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
 
 DEFAULT_PORT = 50071
@@ -54,6 +54,9 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
                    help="flush pending writes at least this often (0: never on a timer)")
     p.add_argument("--sweep-seconds", type=float, default=d.sweep_seconds,
                    help="delete expired entries this often (0: never)")
+    p.add_argument("--lookup-consistency", choices=LOOKUP_CONSISTENCY,
+                   default=d.lookup_consistency,
+                   help="Milvus consistency of lookups on a server (see CacheOptions)")
     p.add_argument("--milvus-timeout", type=float, default=d.timeout_seconds,
                    help="seconds per Milvus call, retries included")
     p.add_argument("--workers", type=int, default=4, help="threads making Milvus calls")
@@ -87,6 +90,7 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
         flush_every=a.flush_every,
         flush_seconds=a.flush_seconds,
         sweep_seconds=a.sweep_seconds,
+        lookup_consistency=a.lookup_consistency,
         timeout_seconds=a.milvus_timeout,
     )
     return CacheConfig(

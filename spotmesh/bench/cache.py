@@ -206,6 +206,8 @@ def main(a) -> int:
                          api_keys=str(keys), model=str(ensure_default_model()),
                          served_model_name=DEFAULT_MODEL_NAME, inference_args=["--enforce-eager"],
                          kv_cache_gib=1, cache_milvus_uri=server.uri if server else "",
+                         cache_args=["--lookup-consistency", a.lookup_consistency]
+                         if a.lookup_consistency else [],
                          log=lambda m: print(m, file=sys.stderr, flush=True))
         try:
             mesh_state = mesh.start()
@@ -216,7 +218,9 @@ def main(a) -> int:
             if server is not None:
                 server.stop()
     backend = "Milvus 2.3.5 server" if a.milvus_server else "milvus-lite 3.2.2"
-    doc = {"benchmark": "cache", "backend": backend, "data": path, "threshold": threshold,
+    consistency = a.lookup_consistency or ("Bounded" if a.milvus_server else "Session")
+    doc = {"benchmark": "cache", "backend": backend, "lookup_consistency": consistency,
+           "data": path, "threshold": threshold,
            "prefill": a.prefill,
            "seeds": len(seeds), "held_out_intents": sorted(held_out), **result}
     print(f"\n{backend}: threshold {threshold}, {a.prefill} prefilled entries, {len(seeds)} seeds, "
