@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["", "Session", "Bounded", "Eventually", "Strong"],
                     help="the cache's lookup consistency on a Milvus server (default: what "
                          "spotmesh up uses, Bounded)")
+    bc.add_argument("--cache-args", default="",
+                    help="more flags for the cache process, e.g. '--flush-every 32'")
     bc.add_argument("--json", default="")
     bc.set_defaults(fn=cmd_bench_cache)
     return p

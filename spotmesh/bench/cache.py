@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -206,8 +207,9 @@ def main(a) -> int:
                          api_keys=str(keys), model=str(ensure_default_model()),
                          served_model_name=DEFAULT_MODEL_NAME, inference_args=["--enforce-eager"],
                          kv_cache_gib=1, cache_milvus_uri=server.uri if server else "",
-                         cache_args=["--lookup-consistency", a.lookup_consistency]
-                         if a.lookup_consistency else [],
+                         cache_args=(["--lookup-consistency", a.lookup_consistency]
+                                     if a.lookup_consistency else [])
+                         + shlex.split(a.cache_args),
                          log=lambda m: print(m, file=sys.stderr, flush=True))
         try:
             mesh_state = mesh.start()
@@ -220,6 +222,7 @@ def main(a) -> int:
     backend = "Milvus 2.3.5 server" if a.milvus_server else "milvus-lite 3.2.2"
     consistency = a.lookup_consistency or ("Bounded" if a.milvus_server else "Session")
     doc = {"benchmark": "cache", "backend": backend, "lookup_consistency": consistency,
+           "cache_args": a.cache_args,
            "data": path, "threshold": threshold,
            "prefill": a.prefill,
            "seeds": len(seeds), "held_out_intents": sorted(held_out), **result}
