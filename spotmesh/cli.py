@@ -161,6 +161,12 @@ def cmd_bench_cache(a: argparse.Namespace) -> int:
     return cache.main(a)
 
 
+def cmd_bench_prefix_sim(a: argparse.Namespace) -> int:
+    from spotmesh.bench import prefix_sim
+
+    return prefix_sim.main(a)
+
+
 def cmd_cache_calibrate(a: argparse.Namespace) -> int:
     from services.cache import calibrate
 
@@ -279,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="more flags for the cache process, e.g. '--flush-every 32'")
     bc.add_argument("--json", default="")
     bc.set_defaults(fn=cmd_bench_cache)
+    bp = bench.add_parser("prefix-sim", help="prefix-aware routing replayed on a trace of "
+                                             "block hashes (simulated KV caches)")
+    bp.add_argument("--trace", default="",
+                    help="Mooncake-format JSONL (default: ../shared/data/prefix_cache/"
+                         "mooncake_fast25_synthetic_trace.jsonl)")
+    bp.add_argument("--replicas", type=int, default=4)
+    bp.add_argument("--capacity-blocks", type=int, default=4096)
+    bp.add_argument("--prefix-weight", type=float, default=1.0)
+    bp.add_argument("--queue-weight", type=float, default=1.0)
+    bp.add_argument("--kv-weight", type=float, default=0.2)
+    bp.add_argument("--queue-tolerance", type=float, default=4.0,
+                    help="queued requests that cancel a full prefix match")
+    bp.add_argument("--json", default="")
+    bp.set_defaults(fn=cmd_bench_prefix_sim)
     return p
 
 

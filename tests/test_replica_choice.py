@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.cache.prefix import block_hashes
 from services.gateway.replicas import FAILURES_BEFORE_SKIP, Replica, ReplicaSet
 from spotmesh.v1 import common_pb2, inference_pb2
 
@@ -85,7 +86,6 @@ def test_least_loaded_replica_is_picked() -> None:
 def test_gateway_streams_count_as_load() -> None:
     # b's engine queue is shorter but this gateway already has more streams open on it.
     assert picked(replica("a", waiting=2, in_flight=0), replica("b", waiting=0, in_flight=3)) == "a"
-    assert replica("x", waiting=2, in_flight=3).load_key()[0] == 5
 
 
 def test_kv_cache_use_breaks_a_queue_tie() -> None:
@@ -128,3 +128,34 @@ def test_no_replica_for_the_model_picks_none() -> None:
 def test_name_is_the_reported_id_falling_back_to_the_address() -> None:
     assert replica("10.0.0.1:7000").name == "r-10.0.0.1:7000"
     assert replica("10.0.0.1:7000", reported=False).name == "10.0.0.1:7000"
+
+
+def _with_blocks(r: Replica, block_size: int = 16) -> Replica:
+    r.report.kv_block_size = block_size
+    return r
+
+
+def test_a_prompt_goes_back_to_the_replica_holding_its_prefix() -> None:
+    rs = replica_set(*(_with_blocks(replica(n)) for n in ("a", "b", "c")))
+    prompt = list(range(64))  # 4 blocks of 16
+    first = rs.pick(MODEL, prompt_ids=prompt)
+    # A longer prompt with the same start, and equal load: affinity decides.
+    again = rs.pick(MODEL, prompt_ids=[*prompt, 7, 8, 9])
+    assert again is first
+    assert rs.prefixes.match(block_hashes(prompt, 16)) == {first.address: 4}
+
+
+def test_a_busy_prefix_holder_sheds_new_work() -> None:
+    rs = replica_set(*(_with_blocks(replica(n)) for n in ("a", "b")))
+    prompt = list(range(64))
+    holder = rs.pick(MODEL, prompt_ids=prompt)
+    holder.in_flight = 10  # far past the queue tolerance
+    assert rs.pick(MODEL, prompt_ids=prompt) is not holder
+
+
+def test_forgetting_a_replica_empties_its_prefix_blocks() -> None:
+    rs = replica_set(_with_blocks(replica("a")))
+    rs.pick(MODEL, prompt_ids=list(range(32)))
+    assert rs.prefixes.size("a") == 2
+    assert rs.prefixes.forget("a") == 2
+    assert rs.prefixes.size("a") == 0

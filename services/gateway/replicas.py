@@ -11,12 +11,15 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
+from services.cache.prefix import PrefixIndex, block_hashes
+from services.gateway.routing import Candidate, Weights, pick, winning_scorer
 from spotmesh.runtime import fields, grpc_options
 from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -27,6 +30,16 @@ POOL_NAMES = {common_pb2.POOL_SPOT: "spot", common_pb2.POOL_ON_DEMAND: "on-deman
 FAILURES_BEFORE_SKIP = 2
 
 REPLICAS = Gauge("spotmesh_gateway_replicas", "Known inference replicas by state.", ["state"])
+# Until a replica reports its KV capacity, assume a small engine's.
+DEFAULT_PREFIX_CAPACITY_BLOCKS = 4096
+ROUTING_DECISIONS = Counter(
+    "spotmesh_gateway_routing_decisions_total", "Replica choices by the scorer that won.",
+    ["scorer"])
+PREFIX_MATCHED_TOKENS = Counter(
+    "spotmesh_gateway_prefix_matched_tokens_total",
+    "Prompt tokens whose KV cache the chosen replica was expected to hold.")
+PREFIX_INDEX_BLOCKS = Gauge(
+    "spotmesh_gateway_prefix_index_blocks", "Prefix blocks tracked per replica.", ["replica"])
 QUEUE_DEPTH = Gauge(
     "spotmesh_gateway_queue_depth", "Requests waiting in the engines' queues, over all replicas."
 )
@@ -60,16 +73,6 @@ class Replica:
             and self.consecutive_failures < FAILURES_BEFORE_SKIP
         )
 
-    def load_key(self) -> tuple[int, float, int]:
-        """Least loaded first: this gateway's open streams (exact and current) plus the
-        engine's queue, then KV-cache use (from the last poll); among equals the spot replica,
-        whose time costs less."""
-        assert self.report is not None
-        return (
-            self.in_flight + self.report.waiting,
-            self.report.kv_cache_usage,
-            0 if self.report.pool == common_pb2.POOL_SPOT else 1,
-        )
 
 
 class ReplicaSet:
@@ -80,6 +83,7 @@ class ReplicaSet:
         poll_seconds: float = 0.5,
         max_message_bytes: int = 1 << 20,
         on_report=None,
+        weights: Weights | None = None,
     ) -> None:
         self._static = list(static)
         self._file = Path(replicas_file) if replicas_file else None
@@ -89,6 +93,10 @@ class ReplicaSet:
         self._options = grpc_options(max_message_bytes)
         self._on_report = on_report  # called with each LoadReport (context length, model)
         self.replicas: dict[str, Replica] = {}
+        self.weights = weights or Weights()
+        # Which replica holds which prompt prefix, keyed by address; capacities come from the
+        # replicas' Load reports.
+        self.prefixes = PrefixIndex(DEFAULT_PREFIX_CAPACITY_BLOCKS)
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
 
@@ -103,11 +111,38 @@ class ReplicaSet:
         for r in self.replicas.values():
             await r.channel.close()
 
-    def pick(self, model: str, exclude: set[str] = frozenset()) -> Replica | None:
-        candidates = [
+    def pick(self, model: str, exclude: set[str] = frozenset(),
+             prompt_ids: Sequence[int] = ()) -> Replica | None:
+        """The routing pipeline: filter (reachable, not draining, serves the model, not
+        failing, not excluded), score (prefix held, queue, KV use), pick."""
+        available = [
             r for a, r in self.replicas.items() if a not in exclude and r.available_for(model)
         ]
-        return min(candidates, key=Replica.load_key) if candidates else None
+        if not available:
+            return None
+        block_size = available[0].report.kv_block_size
+        hashes = block_hashes(prompt_ids, block_size) if block_size > 0 else []
+        matched = self.prefixes.match(hashes) if hashes else {}
+        candidates = []
+        for r in available:
+            same_blocks = r.report.kv_block_size == block_size
+            candidates.append(Candidate(
+                name=r.address,
+                queue=r.in_flight + r.report.waiting,
+                kv_usage=r.report.kv_cache_usage,
+                prefix_blocks=matched.get(r.address, 0) if same_blocks else 0,
+                spot=r.report.pool == common_pb2.POOL_SPOT,
+            ))
+        best = pick(candidates, len(hashes), self.weights)
+        ROUTING_DECISIONS.labels(winning_scorer(best)).inc()
+        PREFIX_MATCHED_TOKENS.inc(best.prefix_blocks * block_size)
+        chosen = self.replicas[best.name]
+        # Approximate prefix tracking: the replica will hold these blocks once it has
+        # prefilled the prompt (its engine evicts LRU, as the index does).
+        if hashes:
+            self.prefixes.record(best.name, hashes)
+            PREFIX_INDEX_BLOCKS.labels(chosen.name).set(self.prefixes.size(best.name))
+        return chosen
 
     def mark_failed(self, replica: Replica) -> None:
         replica.consecutive_failures += 1
@@ -145,6 +180,7 @@ class ReplicaSet:
                 log.info("replica added", extra=fields(address=address))
         for address in [a for a in self.replicas if a not in wanted]:
             replica = self.replicas.pop(address)
+            self.prefixes.forget(address)
             # In-flight streams keep their own call objects; close lets them finish first.
             task = asyncio.create_task(replica.channel.close(grace=None))
             self._closing.add(task)
@@ -183,6 +219,8 @@ class ReplicaSet:
                                                        replica=report.replica))
         replica.report = report
         replica.reachable = True
+        if report.kv_capacity_blocks > 0:
+            self.prefixes.set_capacity(replica.address, int(report.kv_capacity_blocks))
         replica.consecutive_failures = 0
         replica.reported_at = time.monotonic()
         if self._on_report is not None:

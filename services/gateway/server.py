@@ -192,7 +192,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         tried: set[str] = set()
         last_error = "no replica serves it"
         for attempt in range(self.cfg.start_attempts):
-            replica = self.replicas.pick(model.name, exclude=tried)
+            replica = self.replicas.pick(model.name, exclude=tried, prompt_ids=prompt_ids)
             if replica is None:
                 break
             tried.add(replica.address)
