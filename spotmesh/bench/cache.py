@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -24,18 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
+from spotmesh.bench import latency_ms
 from spotmesh.bench.serve import data_dir
 from spotmesh.tinymodel import DEFAULT_MODEL_NAME
 
 DEFAULT_INTENTS = "semantic_cache/banking77_intents.csv"
-
-
-def _quantiles(values: list[float]) -> dict:
-    if not values:
-        return {"p50": None, "p99": None}
-    v = sorted(values)
-    return {"p50": round(1000 * statistics.median(v), 2),
-            "p99": round(1000 * v[min(len(v) - 1, round(0.99 * (len(v) - 1)))], 2)}
 
 
 def _metric(metrics_address: str, name: str) -> float:
@@ -156,8 +148,8 @@ async def _run(a, mesh_state, key: str, cache_token: str, seeds, rest, dim: int)
         "precision": round(correct / hits, 4) if hits else None,
         "false_hit_rate": round((hits - correct) / n, 4),
         "ambiguous_hits": ambiguous,
-        "hit_latency_ms": _quantiles(hit_lat),
-        "miss_latency_ms": _quantiles(miss_lat),
+        "hit_latency_ms": latency_ms(hit_lat),
+        "miss_latency_ms": latency_ms(miss_lat),
         "saved_usd": round(saved, 8),
         "saved_replica_seconds": round(saved_s, 4),
     }

@@ -14,12 +14,13 @@ import asyncio
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from spotmesh.bench import latency_ms
 
 DEFAULT_PROMPTS = "prefix_cache/awesome_chatgpt_system_prompts.jsonl"
 
@@ -61,21 +62,16 @@ class Result:
     errors: int = 0
 
     def summary(self) -> dict:
-        ttft = sorted(self.ttft)
+        ttft = latency_ms(self.ttft)
         return {
-            "requests": len(ttft),
+            "requests": len(self.ttft),
             "errors": self.errors,
             "tokens": self.tokens,
             "wall_s": round(self.wall, 3),
             "tokens_per_s": round(self.tokens / self.wall, 2) if self.wall else 0.0,
-            "ttft_ms_p50": round(1000 * statistics.median(ttft), 2) if ttft else None,
-            "ttft_ms_p99": round(1000 * _quantile(ttft, 0.99), 2) if ttft else None,
+            "ttft_ms_p50": ttft["p50"],
+            "ttft_ms_p99": ttft["p99"],
         }
-
-
-def _quantile(sorted_values: list[float], q: float) -> float:
-    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[i]
 
 
 def process_cpu_seconds(pid: int) -> float:
