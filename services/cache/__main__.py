@@ -1,4 +1,7 @@
-"""Run the semantic cache: ``python -m services.cache --token T [--milvus-uri URI]``.
+"""Run the cache tier: ``python -m services.cache --token T [--milvus-uri URI] [--no-semantic]``.
+
+One process serves the semantic cache (over Milvus) and the prefix cache (an in-memory index of
+which replica holds which KV-cache prefix); ``--no-semantic`` serves only the latter.
 
 On SIGTERM the service turns NOT_SERVING, stops its sweeper, lets in-flight calls finish, then
 flushes pending writes and releases Milvus (for milvus-lite: the data directory's lock).
@@ -11,6 +14,8 @@ import logging
 from services.cache.config import CacheConfig, parse
 from services.cache.maintenance import Maintenance
 from services.cache.metrics import TenantLabels
+from services.cache.prefix import PrefixStore
+from services.cache.prefix_server import PrefixCacheServicer
 from services.cache.semantic import CacheSchemaError, CacheUnavailable, SemanticCache, is_local
 from services.cache.server import SemanticCacheServicer
 from spotmesh.decoding import add_servicer
@@ -37,15 +42,35 @@ def open_cache(cfg: CacheConfig) -> SemanticCache:
     return cache
 
 
+def prefix_servicer(cfg: CacheConfig) -> PrefixCacheServicer:
+    lim = cfg.prefix
+    store = PrefixStore(lim.default_capacity_blocks, lim.max_replicas, lim.max_models)
+    return PrefixCacheServicer(store, token=cfg.token, admin_token=cfg.admin_token,
+                               max_hashes=lim.max_hashes)
+
+
 async def main(cfg: CacheConfig) -> None:
+    prefix_service = cache_pb2.DESCRIPTOR.services_by_name["PrefixCache"]
+    prefix = prefix_servicer(cfg)
+    if not cfg.semantic:
+        proc = ServerProcess("cache", cfg.server, [prefix_service.full_name])
+        await proc.start(lambda server: add_servicer(server, prefix, prefix_service))
+        log.info("prefix cache ready", extra=fields(semantic=False))
+        await proc.serve_until_signal(grace_seconds=5.0)
+        return
     cache = open_cache(cfg)
     service = cache_pb2.DESCRIPTOR.services_by_name["SemanticCache"]
-    proc = ServerProcess("cache", cfg.server, [service.full_name])
+    proc = ServerProcess("cache", cfg.server, [service.full_name, prefix_service.full_name])
     servicer = SemanticCacheServicer(cache, token=cfg.token, admin_token=cfg.admin_token,
                                      workers=cfg.workers,
                                      tenant_labels=TenantLabels(cfg.max_tenant_labels))
     maintenance = Maintenance(cache, servicer.run_blocking)
-    await proc.start(lambda server: add_servicer(server, servicer, service))
+
+    def add_all(server) -> None:
+        add_servicer(server, servicer, service)
+        add_servicer(server, prefix, prefix_service)
+
+    await proc.start(add_all)
     maintenance.start()
     log.info("cache ready", extra=fields(milvus=cfg.milvus.uri, collection=cfg.milvus.collection,
                                          dim=cfg.milvus.dim, admin=bool(cfg.admin_token)))

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.cache.metrics import DEFAULT_MAX_TENANT_LABELS
+from services.cache.prefix_server import DEFAULT_MAX_HASHES
 from services.cache.semantic import LOOKUP_CONSISTENCY, CacheOptions, default_uri
 from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
 
@@ -31,6 +32,18 @@ class CacheConfig:
     admin_token: str = ""  # also Invalidate; empty: nobody may invalidate
     workers: int = 4  # threads making Milvus calls
     max_tenant_labels: int = DEFAULT_MAX_TENANT_LABELS
+    semantic: bool = True  # serve SemanticCache (needs Milvus); PrefixCache is always served
+    prefix: PrefixLimits = field(default_factory=lambda: PrefixLimits())
+
+
+@dataclass
+class PrefixLimits:
+    """Bounds of the prefix index (it lives in memory: every dimension a caller grows is capped)."""
+
+    default_capacity_blocks: int = 4096  # per replica, until a Record says its KV capacity
+    max_replicas: int = 1024
+    max_models: int = 64
+    max_hashes: int = DEFAULT_MAX_HASHES  # per call
 
 
 def parse(argv: list[str] | None = None) -> CacheConfig:
@@ -66,12 +79,22 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
                    help=f"service token (Lookup, Store, Stats); env {TOKEN_ENV}")
     p.add_argument("--admin-token", default=os.environ.get(ADMIN_TOKEN_ENV, ""),
                    help=f"admin token (also Invalidate); env {ADMIN_TOKEN_ENV}")
+    p.add_argument("--no-semantic", action="store_true",
+                   help="serve only the prefix cache (no Milvus, no embedder needed)")
+    lim = PrefixLimits()
+    p.add_argument("--prefix-capacity-blocks", type=int, default=lim.default_capacity_blocks,
+                   help="blocks indexed per replica until its Record says its KV capacity")
+    p.add_argument("--prefix-max-replicas", type=int, default=lim.max_replicas)
+    p.add_argument("--prefix-max-models", type=int, default=lim.max_models)
+    p.add_argument("--prefix-max-hashes", type=int, default=lim.max_hashes,
+                   help="block hashes per Match/Record/Evict call")
     a = p.parse_args(argv)
     if not a.token.strip():
         raise SystemExit(f"cache: no service token configured: set --token or {TOKEN_ENV}")
     if a.admin_token and a.admin_token.strip() == a.token.strip():
         raise SystemExit("cache: --admin-token must differ from --token")
-    for name in ("dim", "workers", "max_tenant_labels"):
+    for name in ("dim", "workers", "max_tenant_labels", "prefix_capacity_blocks",
+                 "prefix_max_replicas", "prefix_max_models", "prefix_max_hashes"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("flush_every", "flush_seconds", "sweep_seconds"):
@@ -100,4 +123,11 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
         admin_token=a.admin_token.strip(),
         workers=a.workers,
         max_tenant_labels=a.max_tenant_labels,
+        semantic=not a.no_semantic,
+        prefix=PrefixLimits(
+            default_capacity_blocks=a.prefix_capacity_blocks,
+            max_replicas=a.prefix_max_replicas,
+            max_models=a.prefix_max_models,
+            max_hashes=a.prefix_max_hashes,
+        ),
     )

@@ -50,8 +50,9 @@ class PrefixIndex:
         self._capacity[replica] = blocks
         self._evict(replica)
 
-    def record(self, replica: str, hashes: Iterable[int]) -> None:
-        """The replica now holds these blocks (most recently used)."""
+    def record(self, replica: str, hashes: Iterable[int]) -> int:
+        """The replica now holds these blocks (most recently used); returns how many blocks
+        that pushed out of its capacity."""
         held = self._blocks.setdefault(replica, OrderedDict())
         for h in hashes:
             if h in held:
@@ -59,7 +60,7 @@ class PrefixIndex:
             else:
                 held[h] = None
                 self._holders.setdefault(h, set()).add(replica)
-        self._evict(replica)
+        return self._evict(replica)
 
     def match(self, hashes: Sequence[int]) -> dict[str, int]:
         """For every replica holding the first block, how many leading blocks it holds."""
@@ -76,6 +77,18 @@ class PrefixIndex:
                 matched[r] = i + 1
         return matched
 
+    def remove(self, replica: str, hashes: Iterable[int]) -> int:
+        """The replica's engine evicted these blocks; returns how many the index held."""
+        held = self._blocks.get(replica)
+        if held is None:
+            return 0
+        removed = 0
+        for h in hashes:
+            if held.pop(h, False) is None:
+                self._drop_holder(h, replica)
+                removed += 1
+        return removed
+
     def forget(self, replica: str) -> int:
         held = self._blocks.pop(replica, OrderedDict())
         for h in held:
@@ -89,14 +102,20 @@ class PrefixIndex:
     def replicas(self) -> list[str]:
         return list(self._blocks)
 
-    def _evict(self, replica: str) -> None:
+    def capacity(self, replica: str) -> int:
+        return self._capacity.get(replica, self.default_capacity)
+
+    def _evict(self, replica: str) -> int:
         held = self._blocks.get(replica)
         if held is None:
-            return
+            return 0
         cap = self._capacity.get(replica, self.default_capacity)
+        evicted = 0
         while len(held) > cap:
             h, _ = held.popitem(last=False)
             self._drop_holder(h, replica)
+            evicted += 1
+        return evicted
 
     def _drop_holder(self, h: int, replica: str) -> None:
         holders = self._holders.get(h)
@@ -104,3 +123,70 @@ class PrefixIndex:
             holders.discard(replica)
             if not holders:
                 del self._holders[h]
+
+
+class IndexFull(Exception):
+    """The store tracks as many replicas or models as it may (a bound, not an error of input)."""
+
+
+class PrefixStore:
+    """One :class:`PrefixIndex` per model, with bounds on everything a caller can grow.
+
+    Hashes of different models never match each other, even when their tokenizers agree: a
+    KV block is only reusable by the model that computed it.
+    """
+
+    def __init__(self, default_capacity_blocks: int = 4096, max_replicas: int = 1024,
+                 max_models: int = 64) -> None:
+        if max_replicas < 1 or max_models < 1:
+            raise ValueError("max_replicas and max_models must be >= 1")
+        self.default_capacity = default_capacity_blocks
+        self.max_replicas = max_replicas
+        self.max_models = max_models
+        self._indexes: dict[str, PrefixIndex] = {}
+        self._replica_models: dict[str, set[str]] = {}
+
+    def match(self, model: str, hashes: Sequence[int]) -> dict[str, int]:
+        index = self._indexes.get(model)
+        return index.match(hashes) if index is not None else {}
+
+    def record(self, replica: str, model: str, hashes: Sequence[int],
+               capacity_blocks: int = 0) -> tuple[int, int]:
+        """Returns the blocks now indexed for the replica and model, and how many older ones
+        its capacity pushed out."""
+        if replica not in self._replica_models and len(self._replica_models) >= self.max_replicas:
+            raise IndexFull(f"the prefix index tracks {self.max_replicas} replicas already; "
+                            "Forget replicas that went away")
+        index = self._indexes.get(model)
+        if index is None:
+            if len(self._indexes) >= self.max_models:
+                raise IndexFull(f"the prefix index tracks {self.max_models} models already")
+            index = self._indexes[model] = PrefixIndex(self.default_capacity)
+        self._replica_models.setdefault(replica, set()).add(model)
+        evicted = 0
+        if capacity_blocks > 0 and capacity_blocks != index.capacity(replica):
+            before = index.size(replica)
+            index.set_capacity(replica, capacity_blocks)
+            evicted = before - index.size(replica)
+        evicted += index.record(replica, hashes)
+        return index.size(replica), evicted
+
+    def evict(self, replica: str, model: str, hashes: Sequence[int]) -> int:
+        index = self._indexes.get(model)
+        return index.remove(replica, hashes) if index is not None else 0
+
+    def forget(self, replica: str) -> int:
+        forgotten = 0
+        for model in self._replica_models.pop(replica, set()):
+            index = self._indexes[model]
+            forgotten += index.forget(replica)
+            if not index.replicas():
+                del self._indexes[model]
+        return forgotten
+
+    def blocks(self, replica: str) -> int:
+        """Blocks indexed for the replica over all models."""
+        return sum(self._indexes[m].size(replica) for m in self._replica_models.get(replica, ()))
+
+    def replicas(self) -> list[str]:
+        return list(self._replica_models)

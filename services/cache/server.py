@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from services.cache.auth import ROLE_ADMIN, ROLE_SERVICE, Denied, TokenAuth
 from services.cache.metrics import HITS, LOOKUP_LATENCY, LOOKUPS, STORES, TenantLabels
 from services.cache.semantic import (
     Answer,
@@ -39,26 +39,15 @@ from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 log = logging.getLogger("spotmesh.cache")
 
 T = TypeVar("T")
-ROLE_SERVICE = "service"
-ROLE_ADMIN = "admin"
 # Log a Milvus failure at most this often per method: an outage must not flood the logs.
 ERROR_LOG_INTERVAL_SECONDS = 10.0
-
-
-class _Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
     def __init__(self, cache: SemanticCache, *, token: str, admin_token: str = "",
                  workers: int = 4, tenant_labels: TenantLabels | None = None) -> None:
-        if not token:
-            raise ValueError("a service token is required")
         self.cache = cache
-        self._token = token.encode()
-        self._admin_token = admin_token.encode() if admin_token else b""
+        self._auth = TokenAuth(token, admin_token)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="milvus")
         self._labels = tenant_labels or TenantLabels()
         self._last_error_log: dict[str, float] = {}
@@ -147,7 +136,7 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
         """Run ``call``; turn every expected failure into its status code."""
         try:
             return await call()
-        except _Denied as exc:
+        except Denied as exc:
             code, message = exc.code, str(exc)
         except InvalidField as exc:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -168,28 +157,7 @@ class SemanticCacheServicer(cache_pb2_grpc.SemanticCacheServicer):
             log.warning("Milvus call failed", extra=fields(method=method, error=message))
 
     def _authorize(self, context, needed: str) -> None:
-        header = None
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                header = value
-                break
-        if header is None:
-            raise _Denied(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing authorization metadata: send 'authorization: Bearer <token>'")
-        scheme, _, token = header.partition(" ")
-        token_bytes = token.strip().encode()
-        if scheme.lower() != "bearer" or not token_bytes:
-            raise _Denied(grpc.StatusCode.UNAUTHENTICATED,
-                          "authorization metadata must be 'Bearer <token>'")
-        # Both comparisons always run, so timing does not tell which token was close.
-        is_admin = bool(self._admin_token) & hmac.compare_digest(token_bytes, self._admin_token)
-        is_service = hmac.compare_digest(token_bytes, self._token)
-        if not (is_admin or is_service):
-            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "unknown token")
-        if needed == ROLE_ADMIN and not is_admin:
-            raise _Denied(grpc.StatusCode.PERMISSION_DENIED,
-                          "Invalidate needs the admin token" if self._admin_token else
-                          "Invalidate needs the admin token, and this cache has none configured")
+        self._auth.authorize(context, needed, "Invalidate")
 
 
 def _answer_to_proto(hit: Hit) -> cache_pb2.CachedAnswer:

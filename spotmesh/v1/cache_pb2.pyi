@@ -153,6 +153,24 @@ class MatchResponse(_message.Message):
     def __init__(self, matches: _Optional[_Iterable[_Union[ReplicaMatch, _Mapping]]] = ...) -> None: ...
 
 class RecordRequest(_message.Message):
+    __slots__ = ("replica", "model", "block_hashes", "capacity_blocks")
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    replica: str
+    model: str
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    capacity_blocks: int
+    def __init__(self, replica: _Optional[str] = ..., model: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., capacity_blocks: _Optional[int] = ...) -> None: ...
+
+class RecordResponse(_message.Message):
+    __slots__ = ("indexed_blocks",)
+    INDEXED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    indexed_blocks: int
+    def __init__(self, indexed_blocks: _Optional[int] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
     __slots__ = ("replica", "model", "block_hashes")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -162,9 +180,11 @@ class RecordRequest(_message.Message):
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, replica: _Optional[str] = ..., model: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class RecordResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+class EvictResponse(_message.Message):
+    __slots__ = ("evicted_blocks",)
+    EVICTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    evicted_blocks: int
+    def __init__(self, evicted_blocks: _Optional[int] = ...) -> None: ...
 
 class ForgetRequest(_message.Message):
     __slots__ = ("replica",)

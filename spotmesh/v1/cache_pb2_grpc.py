@@ -258,6 +258,11 @@ class PrefixCacheStub:
                 request_serializer=spotmesh_dot_v1_dot_cache__pb2.RecordRequest.SerializeToString,
                 response_deserializer=spotmesh_dot_v1_dot_cache__pb2.RecordResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/spotmesh.v1.PrefixCache/Evict',
+                request_serializer=spotmesh_dot_v1_dot_cache__pb2.EvictRequest.SerializeToString,
+                response_deserializer=spotmesh_dot_v1_dot_cache__pb2.EvictResponse.FromString,
+                _registered_method=True)
         self.Forget = channel.unary_unary(
                 '/spotmesh.v1.PrefixCache/Forget',
                 request_serializer=spotmesh_dot_v1_dot_cache__pb2.ForgetRequest.SerializeToString,
@@ -283,8 +288,15 @@ class PrefixCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """The replica's engine evicted these blocks (precise mode: from its KV-cache events).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Forget(self, request, context):
-        """The replica went away: drop everything it held.
+        """The replica went away, restarted or cleared its cache: drop everything it held.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -302,6 +314,11 @@ def add_PrefixCacheServicer_to_server(servicer, server):
                     servicer.Record,
                     request_deserializer=spotmesh_dot_v1_dot_cache__pb2.RecordRequest.FromString,
                     response_serializer=spotmesh_dot_v1_dot_cache__pb2.RecordResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=spotmesh_dot_v1_dot_cache__pb2.EvictRequest.FromString,
+                    response_serializer=spotmesh_dot_v1_dot_cache__pb2.EvictResponse.SerializeToString,
             ),
             'Forget': grpc.unary_unary_rpc_method_handler(
                     servicer.Forget,
@@ -364,6 +381,33 @@ class PrefixCache:
             '/spotmesh.v1.PrefixCache/Record',
             spotmesh_dot_v1_dot_cache__pb2.RecordRequest.SerializeToString,
             spotmesh_dot_v1_dot_cache__pb2.RecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spotmesh.v1.PrefixCache/Evict',
+            spotmesh_dot_v1_dot_cache__pb2.EvictRequest.SerializeToString,
+            spotmesh_dot_v1_dot_cache__pb2.EvictResponse.FromString,
             options,
             channel_credentials,
             insecure,
