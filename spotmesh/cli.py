@@ -37,6 +37,11 @@ def cmd_up(a: argparse.Namespace) -> int:
         inference_args += ["--max-model-len", str(a.max_model_len)]
     if a.stream_interval != 1:
         inference_args += ["--stream-interval", str(a.stream_interval)]
+    if a.kv_capacity_blocks:
+        # vLLM's num_gpu_blocks_override: a KV cache smaller than --kv-cache-gib allows (to
+        # study eviction and routing on a machine with plenty of memory).
+        inference_args += ["--engine-args",
+                           json.dumps({"num_gpu_blocks_override": a.kv_capacity_blocks})]
     directory = state_dir(a.state_dir)
     mesh = LocalMesh(
         directory,
@@ -50,6 +55,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         kv_cache_gib=a.kv_cache_gib,
         semantic_cache=not a.no_cache,
         cache_milvus_uri=a.cache_milvus_uri,
+        routing=a.routing,
+        prefix_mode=a.prefix_mode,
         log=_err,
     )
     stop = {"now": False}
@@ -167,6 +174,12 @@ def cmd_bench_prefix_sim(a: argparse.Namespace) -> int:
     return prefix_sim.main(a)
 
 
+def cmd_bench_prefix(a: argparse.Namespace) -> int:
+    from spotmesh.bench import prefix
+
+    return prefix.main(a)
+
+
 def cmd_cache_calibrate(a: argparse.Namespace) -> int:
     from services.cache import calibrate
 
@@ -204,7 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="let vLLM compile graphs (slower start, faster decode)")
     up.add_argument("--start-timeout", type=float, default=300.0)
     up.add_argument("--no-cache", action="store_true",
-                    help="run without the embedder and the semantic cache")
+                    help="run without the embedder and the semantic cache (the prefix index "
+                         "still runs)")
+    up.add_argument("--routing", choices=["prefix", "round-robin"], default="prefix",
+                    help="prefix: prefix affinity balanced against load; round-robin: baseline")
+    up.add_argument("--prefix-mode", choices=["approximate", "precise"], default="approximate",
+                    help="approximate: gateways record where they routed; precise: replicas "
+                         "relay their engines' KV-cache events")
+    up.add_argument("--kv-capacity-blocks", type=int, default=0,
+                    help="cap each replica's KV cache at this many blocks (0: --kv-cache-gib)")
     up.add_argument("--cache-milvus-uri", default="",
                     help="a Milvus server for the semantic cache (default: embedded "
                          "milvus-lite in the state directory)")
@@ -299,6 +320,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="queued requests that cancel a full prefix match")
     bp.add_argument("--json", default="")
     bp.set_defaults(fn=cmd_bench_prefix_sim)
+    bl = bench.add_parser("prefix", help="prefix-aware vs round-robin routing through live "
+                                         "meshes (vLLM's own prefix-cache counters, TTFT)")
+    bl.add_argument("--replicas", type=int, default=2)
+    bl.add_argument("--kv-capacity-blocks", type=int, default=96,
+                    help="KV blocks per replica (128 tokens each on CPU)")
+    bl.add_argument("--system-prompts", type=int, default=48,
+                    help="distinct system prompts (of 256-1200 tokens) in the workload")
+    bl.add_argument("--requests", type=int, default=400)
+    bl.add_argument("--concurrency", type=int, default=4)
+    bl.add_argument("--max-tokens", type=int, default=8)
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--policies", default="",
+                    help="comma-separated subset of prefix_approximate, prefix_precise, "
+                         "round_robin (default: all)")
+    bl.add_argument("--prompts", default="",
+                    help="JSONL with a 'prompt' field (default: ../shared/data/prefix_cache/"
+                         "awesome_chatgpt_system_prompts.jsonl)")
+    bl.add_argument("--model", default="")
+    bl.add_argument("--json", default="")
+    bl.set_defaults(fn=cmd_bench_prefix)
     return p
 
 

@@ -147,6 +147,9 @@ class LocalMesh:
         semantic_cache: bool = True,
         cache_milvus_uri: str = "",
         cache_args: list[str] | None = None,
+        routing: str = "prefix",
+        prefix_mode: str = "approximate",
+        gateway_args: list[str] | None = None,
         log=print,
     ) -> None:
         self.dir = directory
@@ -166,6 +169,11 @@ class LocalMesh:
             # On a server, Session lookups wait behind every fresh store (~150 ms a hit under
             # load, measured); a cache can afford a moment's staleness (13 ms hits).
             self.cache_args += ["--lookup-consistency", "Bounded"]
+        # Prefix routing: the cache process always serves the shared prefix index; in precise
+        # mode the replicas feed it their engines' KV-cache events.
+        self.routing = routing
+        self.prefix_mode = prefix_mode
+        self.gateway_args = list(gateway_args or [])
         self.log = log
         self.children: list[Child] = []
         self.state: MeshState | None = None
@@ -249,19 +257,30 @@ class LocalMesh:
 
         self.log(f"starting {self.n_replicas} inference replica(s) "
                  f"({self.spot_replicas} spot) with model {self.served_model_name}"
-                 + (", the embedder and the semantic cache" if self.semantic_cache else ""))
-        support = self._spawn_cache_tier() if self.semantic_cache else []
+                 + (", the embedder and the semantic cache" if self.semantic_cache else "")
+                 + f"; {self.routing} routing"
+                 + (f" ({self.prefix_mode})" if self.routing == "prefix" else ""))
+        support = self._spawn_cache_tier()
+        cache = support[-1]
+        replica_extra: list[str] = []
+        if self.routing == "prefix" and self.prefix_mode == "precise":
+            # The replicas relay KV events to the index from their first request on: they need
+            # its address before they start.
+            self._wait_ready([cache], timeout)
+            replica_extra = ["--prefix-cache", cache.info.address,
+                             "--prefix-token", self._cache_tokens()[0]]
         replicas = []
         for i in range(self.n_replicas):
             pool = "spot" if i >= self.n_replicas - self.spot_replicas else "on-demand"
             name = f"{'spot' if pool == 'spot' else 'od'}-{i}"
             args = ["--replica", name, "--pool", pool, "--port", "0", "--model", self.model,
                     "--served-model-name", self.served_model_name,
-                    "--kv-cache-gib", str(self.kv_cache_gib), *self.inference_args]
+                    "--kv-cache-gib", str(self.kv_cache_gib), *replica_extra,
+                    *self.inference_args]
             replicas.append(self._spawn("inference", name, args, pool))
         self.children.extend(replicas)
         self._publish()
-        self._wait_ready(support + replicas, timeout)
+        self._wait_ready([c for c in support if not c.info.address] + replicas, timeout)
         replicas_file = self.dir / "replicas.json"
         tmp = replicas_file.with_suffix(".tmp")
         tmp.write_text(json.dumps([c.info.address for c in replicas]))
@@ -269,11 +288,13 @@ class LocalMesh:
 
         gw_args = ["--port", str(self.port), "--api-keys", str(keys),
                    "--model", f"{self.served_model_name}={self.model}",
-                   "--replicas-file", str(replicas_file)]
-        if support:
-            embedder, cache = support
-            gw_args += ["--embedder", embedder.info.address, "--cache", cache.info.address,
-                        "--cache-token", self._cache_tokens()[0]]
+                   "--replicas-file", str(replicas_file),
+                   "--cache-token", self._cache_tokens()[0], "--routing", self.routing,
+                   "--prefix-cache", cache.info.address, "--prefix-mode", self.prefix_mode]
+        if self.semantic_cache:
+            embedder = support[0]
+            gw_args += ["--embedder", embedder.info.address, "--cache", cache.info.address]
+        gw_args += self.gateway_args
         gateway = self._spawn("gateway", "gateway", gw_args)
         self.children.insert(0, gateway)
         self._publish()
@@ -293,7 +314,13 @@ class LocalMesh:
         return doc["service"], doc["admin"]
 
     def _spawn_cache_tier(self) -> list[Child]:
+        """[embedder, cache] with the semantic cache, [cache] (the prefix index) without."""
         service, admin = self._cache_tokens()
+        if not self.semantic_cache:
+            tier = [self._spawn("cache", "cache", ["--port", "0", "--no-semantic",
+                                                   "--token", service, "--admin-token", admin])]
+            self.children.extend(tier)
+            return tier
         embedder = self._spawn("embedder", "embedder", ["--port", "0"])
         # The Milvus data lives in the state directory: a restarted mesh keeps its answers.
         (self.dir / "cache").mkdir(exist_ok=True)

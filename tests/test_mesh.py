@@ -60,7 +60,8 @@ def test_status_lists_every_process_with_health(mesh):
                          capture_output=True, text=True, check=True)
     doc = json.loads(out.stdout)
     roles = sorted(p["role"] for p in doc["processes"])
-    assert roles == ["gateway", "inference", "inference"]
+    # Without the semantic cache the cache process still serves the prefix index.
+    assert roles == ["cache", "gateway", "inference", "inference"]
     assert all(p["health"] == "SERVING" for p in doc["processes"])
     replicas = {p["replica"]: p["pool"] for p in doc["processes"] if p["role"] == "inference"}
     assert replicas == {"od-0": "on-demand", "spot-1": "spot"}

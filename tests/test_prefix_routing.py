@@ -130,3 +130,30 @@ def test_prefix_sim_on_the_mooncake_trace_meets_its_goal(tmp_path):
     ours, bound = doc["policies"]["spotmesh"], doc["policies"]["shared_upper_bound"]
     assert ours["block_hit_ratio"] >= 0.9 * bound["block_hit_ratio"]
     assert ours["imbalance"] <= 1.3
+
+
+def test_kv_events_translate_to_the_gateways_hash_chain():
+    from services.inference.kv_events import HashTranslator
+
+    t = HashTranslator(max_blocks=100)
+    tokens = list(range(64))
+    # vLLM's own hashes are opaque (ints or bytes); the chain is rebuilt from token ids.
+    first = t.stored([b"v1", b"v2"], None, tokens[:32], 16)
+    assert first == block_hashes(tokens[:32], 16)
+    later = t.stored([b"v3", b"v4"], b"v2", tokens[32:], 16)
+    assert first + later == block_hashes(tokens, 16)
+    assert t.removed([b"v3", b"unknown"]) == [later[0]]
+    # A block whose parent was never seen (events lost) cannot be placed in the chain.
+    assert t.stored([b"v9"], b"never-seen", tokens[:16], 16) == []
+    # Token ids that do not fill the announced blocks are refused, not guessed.
+    assert t.stored([b"v5", b"v6"], None, tokens[:20], 16) == []
+
+
+def test_the_translator_is_bounded():
+    from services.inference.kv_events import HashTranslator
+
+    t = HashTranslator(max_blocks=2)
+    for i in range(5):
+        t.stored([i], None, [i] * 16, 16)
+    assert t.removed([0, 1, 2]) == []
+    assert len(t.removed([3, 4])) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.cache.prefix import block_hashes
+from services.gateway.prefix import PrefixRouter
 from services.gateway.replicas import FAILURES_BEFORE_SKIP, Replica, ReplicaSet
 from spotmesh.v1 import common_pb2, inference_pb2
 
@@ -135,27 +136,56 @@ def _with_blocks(r: Replica, block_size: int = 16) -> Replica:
     return r
 
 
+def _routed(rs: ReplicaSet, router: PrefixRouter, prompt: list[int]) -> Replica:
+    """Pick as the gateway does: plan, pick, and record once the replica answered."""
+    route = router.plan_local(MODEL, prompt, 16)
+    chosen = rs.pick(MODEL, route=route)
+    router.record(chosen.name, route)
+    return chosen
+
+
 def test_a_prompt_goes_back_to_the_replica_holding_its_prefix() -> None:
     rs = replica_set(*(_with_blocks(replica(n)) for n in ("a", "b", "c")))
+    router = PrefixRouter()
     prompt = list(range(64))  # 4 blocks of 16
-    first = rs.pick(MODEL, prompt_ids=prompt)
+    first = _routed(rs, router, prompt)
     # A longer prompt with the same start, and equal load: affinity decides.
-    again = rs.pick(MODEL, prompt_ids=[*prompt, 7, 8, 9])
+    again = _routed(rs, router, [*prompt, 7, 8, 9])
     assert again is first
-    assert rs.prefixes.match(block_hashes(prompt, 16)) == {first.address: 4}
+    assert router.local.match(MODEL, block_hashes(prompt, 16)) == {first.name: 4}
 
 
 def test_a_busy_prefix_holder_sheds_new_work() -> None:
     rs = replica_set(*(_with_blocks(replica(n)) for n in ("a", "b")))
+    router = PrefixRouter()
     prompt = list(range(64))
-    holder = rs.pick(MODEL, prompt_ids=prompt)
+    holder = _routed(rs, router, prompt)
     holder.in_flight = 10  # far past the queue tolerance
-    assert rs.pick(MODEL, prompt_ids=prompt) is not holder
+    assert _routed(rs, router, prompt) is not holder
+
+
+def test_a_replica_of_another_block_size_matches_nothing() -> None:
+    a, b = _with_blocks(replica("a"), 16), _with_blocks(replica("b"), 32)
+    rs = replica_set(a, b)
+    router = PrefixRouter()
+    prompt = list(range(64))
+    router.record(b.name, router.plan_local(MODEL, prompt, 16))  # b's name, but 16-token hashes
+    b.in_flight = 1  # without the (wrong) match, a wins on load
+    assert rs.pick(MODEL, route=router.plan_local(MODEL, prompt, 16)) is a
+
+
+def test_round_robin_ignores_prefixes_and_cycles() -> None:
+    rs = replica_set(*(_with_blocks(replica(n)) for n in ("a", "b", "c")))
+    rs.routing = "round-robin"
+    router = PrefixRouter()
+    seen = [_routed(rs, router, list(range(64))).address for _ in range(6)]
+    assert sorted(seen[:3]) == ["a", "b", "c"] and seen[3:] == seen[:3]
 
 
 def test_forgetting_a_replica_empties_its_prefix_blocks() -> None:
     rs = replica_set(_with_blocks(replica("a")))
-    rs.pick(MODEL, prompt_ids=list(range(32)))
-    assert rs.prefixes.size("a") == 2
-    assert rs.prefixes.forget("a") == 2
-    assert rs.prefixes.size("a") == 0
+    router = PrefixRouter()
+    chosen = _routed(rs, router, list(range(32)))
+    assert router.local.blocks(chosen.name) == 2
+    router.forget(chosen.name)
+    assert router.local.blocks(chosen.name) == 0

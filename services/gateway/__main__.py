@@ -10,6 +10,7 @@ from services.gateway.auth import ApiKeys, KeysFileError
 from services.gateway.config import GatewayConfig, parse
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog
+from services.gateway.prefix import PrefixRouter
 from services.gateway.replicas import ReplicaSet
 from services.gateway.semantic import SemanticCacheClient
 from services.gateway.server import GatewayServicer
@@ -31,12 +32,18 @@ async def main(cfg: GatewayConfig) -> None:
 
         cfg.models = {DEFAULT_MODEL_NAME: str(ensure_default_model())}
     catalog = ModelCatalog(cfg.models)
+    prefix = PrefixRouter(cfg.prefix_cache, cfg.cache_token, cfg.prefix_mode,
+                          timeout_seconds=cfg.prefix_timeout_seconds,
+                          max_message_bytes=cfg.server.max_message_bytes)
     replicas = ReplicaSet(
         cfg.replicas,
         cfg.replicas_file,
         poll_seconds=cfg.load_poll_seconds,
         max_message_bytes=cfg.server.max_message_bytes,
         on_report=lambda r: catalog.observe_context_length(r.model, r.max_model_len),
+        weights=cfg.weights,
+        routing=cfg.routing,
+        on_removed=prefix.forget,
     )
     await replicas.start()
     semantic = None
@@ -45,7 +52,7 @@ async def main(cfg: GatewayConfig) -> None:
                                        timeout_seconds=cfg.cache_timeout_seconds)
     service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
     servicer = GatewayServicer(cfg, keys, catalog, replicas, CostLedger(cfg.prices_usd_per_hour),
-                               semantic)
+                               semantic, prefix)
     proc = ServerProcess("gateway", cfg.server, [service.full_name])
     await proc.start(lambda server: add_servicer(server, servicer, service))
     try:
@@ -53,6 +60,7 @@ async def main(cfg: GatewayConfig) -> None:
         await proc.serve_until_signal(grace_seconds=30.0)
     finally:
         await replicas.close()
+        await prefix.close()
         if semantic is not None:
             await semantic.close()
 

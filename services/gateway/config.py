@@ -6,6 +6,9 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
+from services.gateway.prefix import MODES as PREFIX_MODES
+from services.gateway.replicas import ROUTING_POLICIES
+from services.gateway.routing import Weights
 from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
 
 # On-demand prices are AWS us-east-1 g5.xlarge (1x A10G) list prices; spot is the mean of the
@@ -42,6 +45,14 @@ class GatewayConfig:
     cache: str = ""
     cache_token: str = ""  # the gateway's service credential for the cache
     cache_timeout_seconds: float = 1.0
+    # Routing: "prefix" (affinity balanced against load) or "round-robin" (a baseline).
+    routing: str = "prefix"
+    weights: Weights = field(default_factory=Weights)
+    # The shared prefix index (the cache tier's PrefixCache, same token as the cache); empty:
+    # each gateway routes on its own records.
+    prefix_cache: str = ""
+    prefix_mode: str = "approximate"  # "precise": the replicas report KV events to the index
+    prefix_timeout_seconds: float = 0.1
 
 
 def _key_value(text: str, flag: str) -> tuple[str, str]:
@@ -69,7 +80,30 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--cache", default="", metavar="HOST:PORT")
     p.add_argument("--cache-token", default=os.environ.get("SPOTMESH_CACHE_TOKEN", ""))
     p.add_argument("--cache-timeout-seconds", type=float, default=1.0)
+    p.add_argument("--routing", choices=ROUTING_POLICIES, default="prefix")
+    w = Weights()
+    p.add_argument("--weight-prefix", type=float, default=w.prefix,
+                   help="weight of the prefix-affinity scorer")
+    p.add_argument("--weight-queue", type=float, default=w.queue,
+                   help="weight of the queue-depth scorer")
+    p.add_argument("--weight-kv", type=float, default=w.kv,
+                   help="weight of the KV-cache-usage scorer")
+    p.add_argument("--queue-tolerance", type=float, default=w.queue_tolerance,
+                   help="queued requests, beyond the emptiest replica's, that cancel a full "
+                        "prefix match")
+    p.add_argument("--prefix-cache", default="", metavar="HOST:PORT",
+                   help="the shared prefix index (PrefixCache); uses --cache-token")
+    p.add_argument("--prefix-mode", choices=PREFIX_MODES, default="approximate")
+    p.add_argument("--prefix-timeout-seconds", type=float, default=0.1)
     a = p.parse_args(argv)
+    if min(a.weight_prefix, a.weight_queue, a.weight_kv) < 0:
+        p.error("--weight-* must be >= 0")
+    if a.queue_tolerance <= 0:
+        p.error("--queue-tolerance must be > 0")
+    if a.prefix_cache and not a.cache_token:
+        p.error("--prefix-cache needs --cache-token (or SPOTMESH_CACHE_TOKEN)")
+    if a.prefix_timeout_seconds <= 0:
+        p.error("--prefix-timeout-seconds must be > 0")
     if bool(a.embedder) != bool(a.cache):
         p.error("--embedder and --cache go together (both turn the semantic cache on)")
     if a.cache and not a.cache_token:
@@ -100,4 +134,10 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
         cache=a.cache,
         cache_token=a.cache_token,
         cache_timeout_seconds=a.cache_timeout_seconds,
+        routing=a.routing,
+        weights=Weights(prefix=a.weight_prefix, queue=a.weight_queue, kv=a.weight_kv,
+                        queue_tolerance=a.queue_tolerance),
+        prefix_cache=a.prefix_cache,
+        prefix_mode=a.prefix_mode,
+        prefix_timeout_seconds=a.prefix_timeout_seconds,
     )

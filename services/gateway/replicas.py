@@ -11,14 +11,13 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from prometheus_client import Counter, Gauge
 
-from services.cache.prefix import PrefixIndex, block_hashes
+from services.gateway.prefix import PrefixRoute
 from services.gateway.routing import Candidate, Weights, pick, winning_scorer
 from spotmesh.runtime import fields, grpc_options
 from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -30,16 +29,15 @@ POOL_NAMES = {common_pb2.POOL_SPOT: "spot", common_pb2.POOL_ON_DEMAND: "on-deman
 FAILURES_BEFORE_SKIP = 2
 
 REPLICAS = Gauge("spotmesh_gateway_replicas", "Known inference replicas by state.", ["state"])
-# Until a replica reports its KV capacity, assume a small engine's.
-DEFAULT_PREFIX_CAPACITY_BLOCKS = 4096
+# "prefix": the scorer pipeline (prefix affinity balanced against load); "round-robin": the
+# baseline the prefix benchmark compares against.
+ROUTING_POLICIES = ("prefix", "round-robin")
 ROUTING_DECISIONS = Counter(
     "spotmesh_gateway_routing_decisions_total", "Replica choices by the scorer that won.",
     ["scorer"])
 PREFIX_MATCHED_TOKENS = Counter(
     "spotmesh_gateway_prefix_matched_tokens_total",
     "Prompt tokens whose KV cache the chosen replica was expected to hold.")
-PREFIX_INDEX_BLOCKS = Gauge(
-    "spotmesh_gateway_prefix_index_blocks", "Prefix blocks tracked per replica.", ["replica"])
 QUEUE_DEPTH = Gauge(
     "spotmesh_gateway_queue_depth", "Requests waiting in the engines' queues, over all replicas."
 )
@@ -84,7 +82,11 @@ class ReplicaSet:
         max_message_bytes: int = 1 << 20,
         on_report=None,
         weights: Weights | None = None,
+        routing: str = "prefix",
+        on_removed=None,
     ) -> None:
+        if routing not in ROUTING_POLICIES:
+            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {routing!r}")
         self._static = list(static)
         self._file = Path(replicas_file) if replicas_file else None
         self._file_mtime = -1.0
@@ -94,9 +96,9 @@ class ReplicaSet:
         self._on_report = on_report  # called with each LoadReport (context length, model)
         self.replicas: dict[str, Replica] = {}
         self.weights = weights or Weights()
-        # Which replica holds which prompt prefix, keyed by address; capacities come from the
-        # replicas' Load reports.
-        self.prefixes = PrefixIndex(DEFAULT_PREFIX_CAPACITY_BLOCKS)
+        self.routing = routing
+        self._round_robin = 0
+        self._on_removed = on_removed  # called with a removed replica's name (prefix index)
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
 
@@ -111,38 +113,47 @@ class ReplicaSet:
         for r in self.replicas.values():
             await r.channel.close()
 
+    def available(self, model: str, exclude: set[str] = frozenset()) -> list[Replica]:
+        """The filter stage: reachable, not draining, serves the model, not failing, not
+        excluded (by address)."""
+        return [r for a, r in self.replicas.items()
+                if a not in exclude and r.available_for(model)]
+
+    def block_size(self, model: str) -> int:
+        """The KV block size of the model's replicas (0 while none has reported one)."""
+        for r in self.available(model):
+            if r.report.kv_block_size > 0:
+                return int(r.report.kv_block_size)
+        return 0
+
     def pick(self, model: str, exclude: set[str] = frozenset(),
-             prompt_ids: Sequence[int] = ()) -> Replica | None:
-        """The routing pipeline: filter (reachable, not draining, serves the model, not
-        failing, not excluded), score (prefix held, queue, KV use), pick."""
-        available = [
-            r for a, r in self.replicas.items() if a not in exclude and r.available_for(model)
-        ]
+             route: PrefixRoute | None = None) -> Replica | None:
+        """The routing pipeline: filter, score (prefix held, queue, KV use), pick."""
+        available = self.available(model, exclude)
         if not available:
             return None
-        block_size = available[0].report.kv_block_size
-        hashes = block_hashes(prompt_ids, block_size) if block_size > 0 else []
-        matched = self.prefixes.match(hashes) if hashes else {}
+        if self.routing == "round-robin":
+            available.sort(key=lambda r: r.address)
+            self._round_robin += 1
+            ROUTING_DECISIONS.labels("round_robin").inc()
+            return available[self._round_robin % len(available)]
+        blocks = len(route.hashes) if route else 0
         candidates = []
         for r in available:
-            same_blocks = r.report.kv_block_size == block_size
+            # Blocks of another size hash differently: such a replica holds none of them.
+            same_blocks = route is not None and r.report.kv_block_size == route.block_size
             candidates.append(Candidate(
                 name=r.address,
                 queue=r.in_flight + r.report.waiting,
                 kv_usage=r.report.kv_cache_usage,
-                prefix_blocks=matched.get(r.address, 0) if same_blocks else 0,
+                prefix_blocks=route.matched.get(r.name, 0) if same_blocks else 0,
                 spot=r.report.pool == common_pb2.POOL_SPOT,
             ))
-        best = pick(candidates, len(hashes), self.weights)
+        best = pick(candidates, blocks, self.weights)
         ROUTING_DECISIONS.labels(winning_scorer(best)).inc()
-        PREFIX_MATCHED_TOKENS.inc(best.prefix_blocks * block_size)
-        chosen = self.replicas[best.name]
-        # Approximate prefix tracking: the replica will hold these blocks once it has
-        # prefilled the prompt (its engine evicts LRU, as the index does).
-        if hashes:
-            self.prefixes.record(best.name, hashes)
-            PREFIX_INDEX_BLOCKS.labels(chosen.name).set(self.prefixes.size(best.name))
-        return chosen
+        if route is not None:
+            PREFIX_MATCHED_TOKENS.inc(best.prefix_blocks * route.block_size)
+        return self.replicas[best.name]
 
     def mark_failed(self, replica: Replica) -> None:
         replica.consecutive_failures += 1
@@ -180,7 +191,8 @@ class ReplicaSet:
                 log.info("replica added", extra=fields(address=address))
         for address in [a for a in self.replicas if a not in wanted]:
             replica = self.replicas.pop(address)
-            self.prefixes.forget(address)
+            if self._on_removed is not None:
+                self._on_removed(replica.name)
             # In-flight streams keep their own call objects; close lets them finish first.
             task = asyncio.create_task(replica.channel.close(grace=None))
             self._closing.add(task)
@@ -219,8 +231,6 @@ class ReplicaSet:
                                                        replica=report.replica))
         replica.report = report
         replica.reachable = True
-        if report.kv_capacity_blocks > 0:
-            self.prefixes.set_capacity(replica.address, int(report.kv_capacity_blocks))
         replica.consecutive_failures = 0
         replica.reported_at = time.monotonic()
         if self._on_report is not None:

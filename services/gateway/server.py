@@ -14,6 +14,7 @@ from services.gateway.auth import ApiKeys, AuthError
 from services.gateway.config import GatewayConfig
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog, UnknownModel
+from services.gateway.prefix import PrefixRoute, PrefixRouter
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.semantic import SemanticCacheClient, plan_for, replay, storable
 from services.gateway.validation import validate
@@ -55,8 +56,10 @@ class Rejected(Exception):
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, cfg: GatewayConfig, keys: ApiKeys, catalog: ModelCatalog,
                  replicas: ReplicaSet, ledger: CostLedger,
-                 semantic: SemanticCacheClient | None = None) -> None:
+                 semantic: SemanticCacheClient | None = None,
+                 prefix: PrefixRouter | None = None) -> None:
         self.cfg = cfg
+        self.prefix = prefix or PrefixRouter()
         self.keys = keys
         self.catalog = catalog
         self.replicas = replicas
@@ -189,10 +192,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             prompt_token_ids=prompt_ids,
             sampling=valid.sampling.to_proto(),
         )
+        route = None
+        if self.replicas.routing == "prefix":
+            route = await self.prefix.plan(model.name, prompt_ids,
+                                           self.replicas.block_size(model.name))
         tried: set[str] = set()
         last_error = "no replica serves it"
         for attempt in range(self.cfg.start_attempts):
-            replica = self.replicas.pick(model.name, exclude=tried, prompt_ids=prompt_ids)
+            # A replica the index named may have vanished since: the filter drops it and the
+            # request goes to another.
+            replica = self.replicas.pick(model.name, exclude=tried, route=route)
             if replica is None:
                 break
             tried.add(replica.address)
@@ -201,7 +210,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             sent = False
             try:
                 async for msg in self._relay(replica, inference_request, context, tenant.name,
-                                             arrived, outcome):
+                                             arrived, outcome, route):
                     sent = True
                     yield msg
                 return
@@ -225,7 +234,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        "with backoff")
 
     async def _relay(self, replica: Replica, request, context, tenant: str, arrived: float,
-                     outcome: dict[str, float]):
+                     outcome: dict[str, float], route: PrefixRoute | None = None):
         remaining = context.time_remaining()
         call = replica.stub.Generate(request, timeout=remaining)
         replica.in_flight += 1
@@ -242,6 +251,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     msg.request_id = request.request_id
                     TTFT.observe(now - arrived)
                     first = False
+                    if route is not None:
+                        # Its engine has prefilled the prompt: it now holds these blocks.
+                        capacity = replica.report.kv_capacity_blocks if replica.report else 0
+                        self.prefix.record(replica.name, route, capacity)
                 else:
                     ITL.observe(now - last)
                 last = now

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
 from services.inference.config import EngineConfig, InferenceConfig, parse
 from services.inference.engine import Engine, EngineError
@@ -36,7 +37,23 @@ def build_engine(cfg: EngineConfig) -> Engine:
     return TensorRTLLMEngine(cfg, model)
 
 
+def kv_event_relay(cfg: InferenceConfig):
+    """The KV-event relay for precise prefix routing (None without --prefix-cache); turns the
+    engine's event publisher on."""
+    if not cfg.prefix_cache:
+        return None
+    from services.inference.kv_events import KvEventRelay
+
+    endpoint = cfg.kv_events_endpoint or (
+        f"ipc://{tempfile.gettempdir()}/spotmesh-kv-events-{os.getpid()}.sock")
+    cfg.engine.extra.setdefault("kv_events_config", {
+        "enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint})
+    return KvEventRelay(endpoint, cfg.prefix_cache, cfg.prefix_token, model="",
+                        capacity_blocks=0)
+
+
 async def main(cfg: InferenceConfig) -> None:
+    relay = kv_event_relay(cfg)
     try:
         engine = build_engine(cfg.engine)
         info = await engine.start()
@@ -55,6 +72,8 @@ async def main(cfg: InferenceConfig) -> None:
     )
     served = await proc.start(lambda server: add_servicer(server, servicer, service))
     servicer.replica = cfg.replica or served.address
+    if relay is not None:
+        relay.start(servicer.replica, info.model, info.kv_capacity_blocks)
     log.info("replica ready", extra=fields(replica=servicer.replica, pool=cfg.pool,
                                            model=info.model, engine=info.engine,
                                            max_model_len=info.max_model_len,
@@ -66,6 +85,8 @@ async def main(cfg: InferenceConfig) -> None:
     try:
         await proc.serve_until_signal(on_stop, grace_seconds=1.0)
     finally:
+        if relay is not None:
+            await relay.close()
         await engine.shutdown()
 
 

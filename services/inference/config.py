@@ -49,6 +49,10 @@ class InferenceConfig:
     replica: str = ""  # id shown in served_by.replica; empty: "<host>:<port>"
     pool: str = "on-demand"  # "spot" | "on-demand"
     drain_grace_seconds: float = 30.0
+    # Precise prefix tracking: relay the engine's KV-cache events to this PrefixCache service.
+    prefix_cache: str = ""
+    prefix_token: str = ""
+    kv_events_endpoint: str = ""  # the engine's ZMQ publisher; empty: an ipc socket in /tmp
 
 
 def parse(argv: list[str] | None = None) -> InferenceConfig:
@@ -75,7 +79,19 @@ def parse(argv: list[str] | None = None) -> InferenceConfig:
     p.add_argument("--stream-interval", type=int, default=e.stream_interval)
     p.add_argument("--seed", type=int, default=e.seed)
     p.add_argument("--engine-args", default="{}", help="extra engine keyword arguments, JSON")
+    p.add_argument("--prefix-cache", default="", metavar="HOST:PORT",
+                   help="relay the engine's KV-cache events to this PrefixCache service "
+                        "(precise prefix routing; vLLM only)")
+    p.add_argument("--prefix-token", default=os.environ.get("SPOTMESH_CACHE_TOKEN", ""),
+                   help="the prefix service's token; env SPOTMESH_CACHE_TOKEN")
+    p.add_argument("--kv-events-endpoint", default="",
+                   help="ZMQ endpoint the engine publishes KV events on (default: an ipc "
+                        "socket under the temp directory)")
     a = p.parse_args(argv)
+    if a.prefix_cache and not a.prefix_token:
+        p.error("--prefix-cache needs --prefix-token (or SPOTMESH_CACHE_TOKEN)")
+    if a.prefix_cache and a.engine != "vllm":
+        p.error("--prefix-cache (KV-event relay) needs --engine vllm")
     try:
         extra = json.loads(a.engine_args)
     except json.JSONDecodeError as exc:
@@ -111,4 +127,7 @@ def parse(argv: list[str] | None = None) -> InferenceConfig:
         replica=a.replica,
         pool=a.pool,
         drain_grace_seconds=a.drain_grace_seconds,
+        prefix_cache=a.prefix_cache,
+        prefix_token=a.prefix_token,
+        kv_events_endpoint=a.kv_events_endpoint,
     )
