@@ -327,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="KV blocks per replica (128 tokens each on CPU)")
     bl.add_argument("--system-prompts", type=int, default=48,
                     help="distinct system prompts (of 256-1200 tokens) in the workload")
+    bl.add_argument("--min-prompt-tokens", type=int, default=256)
+    bl.add_argument("--max-prompt-tokens", type=int, default=1200)
+    bl.add_argument("--block-size", type=int, default=128,
+                    help="the engines' KV block size (vLLM CPU: 128), for the ideal hit ratio")
     bl.add_argument("--requests", type=int, default=400)
     bl.add_argument("--concurrency", type=int, default=4)
     bl.add_argument("--max-tokens", type=int, default=8)

@@ -157,3 +157,13 @@ def test_the_translator_is_bounded():
         t.stored([i], None, [i] * 16, 16)
     assert t.removed([0, 1, 2]) == []
     assert len(t.removed([3, 4])) == 2
+
+
+def test_the_live_benchmarks_workload_is_seeded_and_skewed():
+    from spotmesh.bench.prefix import workload
+
+    plan = workload(20, 2000, seed=3)
+    assert plan == workload(20, 2000, seed=3)
+    counts = sorted((sum(1 for p, _ in plan if p == i) for i in range(20)), reverse=True)
+    assert counts[0] > 3 * counts[-1]  # Zipf-like: a few hot system prompts
+    assert len({q for _, q in plan}) > 1  # user turns vary

@@ -75,6 +75,34 @@ def workload(n_prompts: int, n_requests: int, seed: int) -> list[tuple[int, int]
     return [(p, rng.randrange(len(QUESTIONS))) for p in picks]
 
 
+def shared_prefix_tokens(tokenizer, system: str) -> int:
+    """Tokens two requests with this system prompt and different user turns share (as the
+    gateway renders them with the chat template)."""
+    def render(question: str) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            [{"role": "system", "content": system}, {"role": "user", "content": question}],
+            tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    a, b = render(QUESTIONS[0]), render(QUESTIONS[1])
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def ideal_hit_tokens(plan: list[tuple[int, int]], shared: list[int], block_size: int) -> int:
+    """Prompt tokens one cache of unbounded size would serve: every repeat of a system prompt
+    hits its shared prefix's full blocks (what no routing over bounded caches can beat)."""
+    seen: set[int] = set()
+    hits = 0
+    for s, _ in plan:
+        if s in seen:
+            hits += shared[s] // block_size * block_size
+        seen.add(s)
+    return hits
+
+
 def engine_counters(metrics_address: str) -> tuple[float, float]:
     """(prefix-cache hit tokens, queried tokens) from a replica's vLLM metrics."""
     text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read()
@@ -99,15 +127,16 @@ async def drive(address: str, key: str, systems: list[str], plan: list[tuple[int
     cached = [0]
     done = [0]
     step = max(1, len(plan) // 10)
+    # Built up front: a mistake here fails the benchmark at once, not as 400 request errors.
+    requests = [gateway_pb2.GenerateRequest(
+        messages=[gateway_pb2.ChatMessage(role="system", content=systems[s]),
+                  gateway_pb2.ChatMessage(role="user", content=QUESTIONS[q])],
+        sampling=sampling) for s, q in plan]
     async with grpc.aio.insecure_channel(address) as ch:
         stub = gateway_pb2_grpc.GatewayStub(ch)
 
         async def one(i: int):
-            s, q = plan[i]
-            req = gateway_pb2.GenerateRequest(
-                messages=[gateway_pb2.Message(role="system", content=systems[s]),
-                          gateway_pb2.Message(role="user", content=QUESTIONS[q])],
-                sampling=sampling)
+            req = requests[i]
             started = time.perf_counter()
             ttft, tokens = None, 0
             async for msg in stub.Generate(req, metadata=md, timeout=600):
@@ -184,7 +213,11 @@ def main(a) -> int:
     model_dir = a.model or str(ensure_default_model())
     served_name = DEFAULT_MODEL_NAME if not a.model else Path(a.model).name
     tok = AutoTokenizer.from_pretrained(model_dir)
-    systems = load_system_prompts(a.prompts, a.system_prompts, tok, 2 * 128, 1200)
+    if not 0 < a.min_prompt_tokens <= a.max_prompt_tokens:
+        print("need 0 < --min-prompt-tokens <= --max-prompt-tokens", file=sys.stderr)
+        return 2
+    systems = load_system_prompts(a.prompts, a.system_prompts, tok, a.min_prompt_tokens,
+                                  a.max_prompt_tokens)
     plan = workload(len(systems), a.requests, a.seed)
     print(f"bench prefix: {len(systems)} system prompts, {a.requests} requests, concurrency "
           f"{a.concurrency}, {a.replicas} replicas x {a.kv_capacity_blocks} KV blocks",
@@ -197,6 +230,7 @@ def main(a) -> int:
         "kv_capacity_blocks_per_replica": a.kv_capacity_blocks,
         "system_prompts": len(systems),
         "system_prompt_tokens": sum(len(tok.encode(s)) for s in systems),
+        "ideal_hit_ratio": None,
         "requests": a.requests,
         "concurrency": a.concurrency,
         "max_tokens": a.max_tokens,
@@ -204,20 +238,28 @@ def main(a) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "policies": results,
     }
+    queries = next((r["prefix_cache_queries"] for r in results.values()), 0)
+    if queries:
+        shared = [shared_prefix_tokens(tok, s) for s in systems]
+        doc["ideal_hit_ratio"] = round(ideal_hit_tokens(plan, shared, a.block_size) / queries, 4)
+        for r in results.values():
+            r["share_of_ideal"] = round(r["prefix_cache_hit_ratio"] / doc["ideal_hit_ratio"], 3)
     base = results.get("round_robin")
     if base:
         for name, r in results.items():
-            if name != "round_robin" and base["prefix_cache_hit_ratio"]:
+            if name != "round_robin" and base["prefix_cache_hit_ratio"] \
+                    and base["ttft_ms_p50"]:
                 r["hit_ratio_vs_round_robin"] = round(
                     r["prefix_cache_hit_ratio"] / base["prefix_cache_hit_ratio"], 3)
                 r["ttft_p50_vs_round_robin"] = round(r["ttft_ms_p50"] / base["ttft_ms_p50"], 3)
     print()
+    print(f"one unbounded cache would hit {doc['ideal_hit_ratio']} of prompt tokens")
     print(f"{'policy':<20} {'hit ratio':>9} {'hits/queries (tokens)':>22} {'ttft p50':>9} "
           f"{'ttft p99':>9} {'errors':>6}  per replica")
     for name, r in results.items():
         print(f"{name:<20} {r['prefix_cache_hit_ratio']:>9.3f} "
               f"{r['prefix_cache_hits']:>10}/{r['prefix_cache_queries']:<11} "
-              f"{r['ttft_ms_p50']:>9.1f} {r['ttft_ms_p99']:>9.1f} {r['errors']:>6}  "
+              f"{r['ttft_ms_p50'] or 0:>9.1f} {r['ttft_ms_p99'] or 0:>9.1f} {r['errors']:>6}  "
               f"{r['requests_per_replica']}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
