@@ -136,7 +136,8 @@ def test_a_replica_that_vanishes_after_match_loses_no_request(stub, pmesh, tiny_
     prompt = system_prompt("preemption") + "First?"
     holder = complete(stub, pmesh, prompt).served_by.replica
     victim = next(r for r in pmesh.replicas if r.replica == holder)
-    os.kill(victim.pid, signal.SIGKILL)
+    # The whole process group, as a lost machine takes it: the engine core goes too.
+    os.killpg(victim.pid, signal.SIGKILL)
     # The index (and the gateway, until its next poll) still name the dead replica as the
     # prefix holder; the request must still succeed on the other one.
     resp = complete(stub, pmesh, system_prompt("preemption") + "Second?")
@@ -146,7 +147,7 @@ def test_a_replica_that_vanishes_after_match_loses_no_request(stub, pmesh, tiny_
 
 def test_serving_continues_when_the_prefix_service_is_down(stub, pmesh):
     cache = next(p for p in pmesh.state.processes if p.role == "cache")
-    os.kill(cache.pid, signal.SIGKILL)
+    os.killpg(cache.pid, signal.SIGKILL)
     gw = pmesh.state.gateway()
     for i in range(3):
         resp = complete(stub, pmesh, system_prompt("outages") + f"Q{i}?")

@@ -187,3 +187,30 @@ def test_store_tracks_blocks_per_replica_over_models():
     assert store.blocks("r") == 3
     assert store.forget("r") == 3
     assert store.replicas() == []
+
+
+def test_hot_returns_the_most_recorded_prefixes_with_their_tokens(served):
+    for _ in range(3):
+        served.call("Record", cache_pb2.RecordRequest(replica="r1", model=MODEL,
+                                                      block_hashes=[1, 2], token_ids=[5] * 32))
+    served.call("Record", cache_pb2.RecordRequest(replica="r2", model=MODEL, block_hashes=[9],
+                                                  token_ids=[7] * 16))
+    served.record("r2", [10])  # no token ids: counted in the index, not replayable
+    resp = served.call("Hot", cache_pb2.HotRequest(model=MODEL, limit=5))
+    assert [(list(p.token_ids), p.hits) for p in resp.prefixes] == [([5] * 32, 3), ([7] * 16, 1)]
+    err = served.error("Hot", cache_pb2.HotRequest(model=MODEL, limit=0))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "limit" in err.details()
+
+
+def test_hot_prefixes_are_bounded_and_keep_the_hot_ones():
+    from services.cache.prefix import HotPrefixes
+
+    hot = HotPrefixes(slots=64)
+    for _ in range(10):
+        hot.add(1, [1])
+    for leaf in range(100, 300):  # a stream of one-off prompts, 3x the slots
+        hot.add(leaf, [leaf])
+    top = hot.top(2)
+    assert top[0] == ((1,), 10)
+    assert top[1][1] < 10  # one-offs inherit evicted counts but stay below the hot prefix
+    assert len(hot.top(1000)) == 64

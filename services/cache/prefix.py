@@ -129,6 +129,35 @@ class IndexFull(Exception):
     """The store tracks as many replicas or models as it may (a bound, not an error of input)."""
 
 
+class HotPrefixes:
+    """The most often recorded prefixes of one model, with their token ids, in bounded memory.
+
+    Space-saving top-k: at most ``slots`` prefixes are counted; a new one evicts the least
+    counted and inherits its count (so counts over-estimate, never under-estimate, and a prefix
+    that is really hot cannot be pushed out by a stream of one-off prompts)."""
+
+    def __init__(self, slots: int = 1024) -> None:
+        self.slots = slots
+        self._counts: dict[int, int] = {}
+        self._tokens: dict[int, tuple[int, ...]] = {}
+
+    def add(self, leaf: int, token_ids: Sequence[int]) -> None:
+        if leaf in self._counts:
+            self._counts[leaf] += 1
+            return
+        floor = 0
+        if len(self._counts) >= self.slots:
+            victim = min(self._counts, key=self._counts.__getitem__)
+            floor = self._counts.pop(victim)
+            del self._tokens[victim]
+        self._counts[leaf] = floor + 1
+        self._tokens[leaf] = tuple(token_ids)
+
+    def top(self, limit: int) -> list[tuple[tuple[int, ...], int]]:
+        best = sorted(self._counts, key=self._counts.__getitem__, reverse=True)[:limit]
+        return [(self._tokens[h], self._counts[h]) for h in best]
+
+
 class PrefixStore:
     """One :class:`PrefixIndex` per model, with bounds on everything a caller can grow.
 
@@ -144,6 +173,7 @@ class PrefixStore:
         self.max_replicas = max_replicas
         self.max_models = max_models
         self._indexes: dict[str, PrefixIndex] = {}
+        self._hot: dict[str, HotPrefixes] = {}
         self._replica_models: dict[str, set[str]] = {}
 
     def match(self, model: str, hashes: Sequence[int]) -> dict[str, int]:
@@ -171,6 +201,15 @@ class PrefixStore:
         evicted += index.record(replica, hashes)
         return index.size(replica), evicted
 
+    def record_tokens(self, model: str, hashes: Sequence[int], token_ids: Sequence[int]) -> None:
+        """Count the prefix ending at ``hashes[-1]`` and keep its tokens, for warming."""
+        if model in self._indexes and hashes:
+            self._hot.setdefault(model, HotPrefixes()).add(hashes[-1], token_ids)
+
+    def hot(self, model: str, limit: int) -> list[tuple[tuple[int, ...], int]]:
+        hot = self._hot.get(model)
+        return hot.top(limit) if hot is not None else []
+
     def evict(self, replica: str, model: str, hashes: Sequence[int]) -> int:
         index = self._indexes.get(model)
         return index.remove(replica, hashes) if index is not None else 0
@@ -182,6 +221,7 @@ class PrefixStore:
             forgotten += index.forget(replica)
             if not index.replicas():
                 del self._indexes[model]
+                self._hot.pop(model, None)
         return forgotten
 
     def blocks(self, replica: str) -> int:

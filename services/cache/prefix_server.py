@@ -30,6 +30,8 @@ REPLICA_RE = re.compile(r"[A-Za-z0-9_.:\-\[\]@/]{1,253}")
 MAX_MODEL_CHARS = 512
 # 32k blocks is a 512k-token prompt at 16 tokens per block: longer than any model's context.
 DEFAULT_MAX_HASHES = 32768
+MAX_BLOCK_TOKENS = 1024  # the largest KV block size an engine uses
+MAX_HOT = 256
 
 MATCHES = Counter("spotmesh_prefix_cache_matches_total", "Match calls answered.")
 MATCHED_BLOCKS = Counter("spotmesh_prefix_cache_matched_blocks_total",
@@ -74,10 +76,14 @@ class PrefixCacheServicer(cache_pb2_grpc.PrefixCacheServicer):
             self._check_hashes(request.block_hashes)
             if request.capacity_blocks < 0:
                 raise InvalidField("capacity_blocks", "must be >= 0")
+            if request.token_ids and len(request.token_ids) > self.max_hashes * MAX_BLOCK_TOKENS:
+                raise InvalidField("token_ids", "longer than the block hashes can cover")
             indexed, evicted = self.store.record(request.replica, request.model,
                                                  request.block_hashes, request.capacity_blocks)
         except (Denied, InvalidField, IndexFull) as exc:
             await _abort(context, exc)
+        if request.token_ids:
+            self.store.record_tokens(request.model, request.block_hashes, request.token_ids)
         RECORDED_BLOCKS.inc(len(request.block_hashes))
         EVICTED_BLOCKS.labels("capacity").inc(evicted)
         INDEX_BLOCKS.labels(request.replica).set(self.store.blocks(request.replica))
@@ -96,6 +102,18 @@ class PrefixCacheServicer(cache_pb2_grpc.PrefixCacheServicer):
         EVICTED_BLOCKS.labels("engine").inc(evicted)
         INDEX_BLOCKS.labels(request.replica).set(self.store.blocks(request.replica))
         return cache_pb2.EvictResponse(evicted_blocks=evicted)
+
+    async def Hot(self, request: cache_pb2.HotRequest, context) -> cache_pb2.HotResponse:
+        try:
+            self._auth.authorize(context, ROLE_SERVICE)
+            _check_model(request.model)
+            if not 1 <= request.limit <= MAX_HOT:
+                raise InvalidField("limit", f"must be in [1, {MAX_HOT}]")
+        except (Denied, InvalidField) as exc:
+            await _abort(context, exc)
+        return cache_pb2.HotResponse(prefixes=[
+            cache_pb2.HotPrefix(token_ids=tokens, hits=hits)
+            for tokens, hits in self.store.hot(request.model, request.limit)])
 
     async def Forget(self, request: cache_pb2.ForgetRequest,
                      context) -> cache_pb2.ForgetResponse:

@@ -62,6 +62,7 @@ class PrefixRoute:
     block_size: int
     hashes: list[int] = field(default_factory=list)
     matched: dict[str, int] = field(default_factory=dict)
+    token_ids: Sequence[int] = ()  # the prompt's (for warming new replicas with hot prefixes)
 
 
 class PrefixRouter:
@@ -91,7 +92,7 @@ class PrefixRouter:
         return self._stub is not None
 
     def plan_local(self, model: str, prompt_ids: Sequence[int], block_size: int) -> PrefixRoute:
-        route = PrefixRoute(model, block_size)
+        route = PrefixRoute(model, block_size, token_ids=prompt_ids)
         if block_size > 0:
             route.hashes = block_hashes(prompt_ids, block_size)
             if route.hashes:
@@ -126,7 +127,8 @@ class PrefixRouter:
         if self._stub is not None and self.mode == "approximate":
             self._write("Record", self._stub.Record, cache_pb2.RecordRequest(
                 replica=replica, model=route.model, block_hashes=route.hashes,
-                capacity_blocks=capacity_blocks))
+                capacity_blocks=capacity_blocks,
+                token_ids=route.token_ids[:len(route.hashes) * route.block_size]))
 
     def forget(self, replica: str) -> None:
         """The replica went away: nothing it held can be reused."""

@@ -216,6 +216,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 return
             except grpc.aio.AioRpcError as exc:
                 status = exc.code()
+                if status == grpc.StatusCode.CANCELLED and not context.cancelled():
+                    # Not our client: the replica cancelled it (shutting down). Retryable like
+                    # UNAVAILABLE while nothing has been sent.
+                    status = grpc.StatusCode.UNAVAILABLE
                 if status in CLIENT_FAULTS:
                     raise Rejected(status, exc.details() or status.name) from None
                 self.replicas.mark_failed(replica)

@@ -153,16 +153,18 @@ class MatchResponse(_message.Message):
     def __init__(self, matches: _Optional[_Iterable[_Union[ReplicaMatch, _Mapping]]] = ...) -> None: ...
 
 class RecordRequest(_message.Message):
-    __slots__ = ("replica", "model", "block_hashes", "capacity_blocks")
+    __slots__ = ("replica", "model", "block_hashes", "capacity_blocks", "token_ids")
     REPLICA_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     replica: str
     model: str
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     capacity_blocks: int
-    def __init__(self, replica: _Optional[str] = ..., model: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., capacity_blocks: _Optional[int] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, replica: _Optional[str] = ..., model: _Optional[str] = ..., block_hashes: _Optional[_Iterable[int]] = ..., capacity_blocks: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RecordResponse(_message.Message):
     __slots__ = ("indexed_blocks",)
@@ -197,3 +199,25 @@ class ForgetResponse(_message.Message):
     FORGOTTEN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     forgotten_blocks: int
     def __init__(self, forgotten_blocks: _Optional[int] = ...) -> None: ...
+
+class HotRequest(_message.Message):
+    __slots__ = ("model", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class HotPrefix(_message.Message):
+    __slots__ = ("token_ids", "hits")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    hits: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., hits: _Optional[int] = ...) -> None: ...
+
+class HotResponse(_message.Message):
+    __slots__ = ("prefixes",)
+    PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    prefixes: _containers.RepeatedCompositeFieldContainer[HotPrefix]
+    def __init__(self, prefixes: _Optional[_Iterable[_Union[HotPrefix, _Mapping]]] = ...) -> None: ...

@@ -268,6 +268,11 @@ class PrefixCacheStub:
                 request_serializer=spotmesh_dot_v1_dot_cache__pb2.ForgetRequest.SerializeToString,
                 response_deserializer=spotmesh_dot_v1_dot_cache__pb2.ForgetResponse.FromString,
                 _registered_method=True)
+        self.Hot = channel.unary_unary(
+                '/spotmesh.v1.PrefixCache/Hot',
+                request_serializer=spotmesh_dot_v1_dot_cache__pb2.HotRequest.SerializeToString,
+                response_deserializer=spotmesh_dot_v1_dot_cache__pb2.HotResponse.FromString,
+                _registered_method=True)
 
 
 class PrefixCacheServicer:
@@ -302,6 +307,14 @@ class PrefixCacheServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hot(self, request, context):
+        """The most often recorded prompt prefixes, with their token ids: what the autoscaler replays
+        into a new replica before it takes traffic, so scale-out does not reset the hit rate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefixCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -324,6 +337,11 @@ def add_PrefixCacheServicer_to_server(servicer, server):
                     servicer.Forget,
                     request_deserializer=spotmesh_dot_v1_dot_cache__pb2.ForgetRequest.FromString,
                     response_serializer=spotmesh_dot_v1_dot_cache__pb2.ForgetResponse.SerializeToString,
+            ),
+            'Hot': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hot,
+                    request_deserializer=spotmesh_dot_v1_dot_cache__pb2.HotRequest.FromString,
+                    response_serializer=spotmesh_dot_v1_dot_cache__pb2.HotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -435,6 +453,33 @@ class PrefixCache:
             '/spotmesh.v1.PrefixCache/Forget',
             spotmesh_dot_v1_dot_cache__pb2.ForgetRequest.SerializeToString,
             spotmesh_dot_v1_dot_cache__pb2.ForgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/spotmesh.v1.PrefixCache/Hot',
+            spotmesh_dot_v1_dot_cache__pb2.HotRequest.SerializeToString,
+            spotmesh_dot_v1_dot_cache__pb2.HotResponse.FromString,
             options,
             channel_credentials,
             insecure,
