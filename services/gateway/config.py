@@ -40,6 +40,8 @@ class GatewayConfig:
     load_poll_seconds: float = 0.5
     # Attempts to start a stream on another replica when one fails before its first token.
     start_attempts: int = 3
+    # Times one stream may be continued on another replica after its replica failed mid-stream.
+    resume_attempts: int = 2
     # The semantic cache: both addresses set turns it on.
     embedder: str = ""
     cache: str = ""
@@ -76,6 +78,8 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens_limit)
     p.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens)
     p.add_argument("--load-poll-seconds", type=float, default=0.5)
+    p.add_argument("--resume-attempts", type=int, default=2,
+                   help="times a stream may move to another replica mid-stream (0: never)")
     p.add_argument("--embedder", default="", metavar="HOST:PORT")
     p.add_argument("--cache", default="", metavar="HOST:PORT")
     p.add_argument("--cache-token", default=os.environ.get("SPOTMESH_CACHE_TOKEN", ""))
@@ -98,6 +102,8 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
     a = p.parse_args(argv)
     if min(a.weight_prefix, a.weight_queue, a.weight_kv) < 0:
         p.error("--weight-* must be >= 0")
+    if a.resume_attempts < 0:
+        p.error("--resume-attempts must be >= 0")
     if a.queue_tolerance <= 0:
         p.error("--queue-tolerance must be > 0")
     if a.prefix_cache and not a.cache_token:
@@ -130,6 +136,7 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
             default_max_tokens=a.default_max_tokens,
         ),
         load_poll_seconds=a.load_poll_seconds,
+        resume_attempts=a.resume_attempts,
         embedder=a.embedder,
         cache=a.cache,
         cache_token=a.cache_token,

@@ -44,6 +44,9 @@ ITL = Histogram("spotmesh_gateway_inter_token_latency_seconds",
 IN_FLIGHT = Gauge("spotmesh_gateway_in_flight_requests", "Requests being served.")
 RETRIES = Counter("spotmesh_gateway_start_retries_total",
                   "Streams restarted on another replica before their first token.")
+RESUMES = Counter("spotmesh_gateway_stream_resumes_total",
+                  "Streams continued on another replica after theirs failed mid-stream.",
+                  ["outcome"])
 
 
 class Rejected(Exception):
@@ -198,47 +201,86 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                            self.replicas.block_size(model.name))
         tried: set[str] = set()
         last_error = "no replica serves it"
-        for attempt in range(self.cfg.start_attempts):
+        delivered: list[int] = []  # token ids the client has received
+        starts_left, resumes_left = self.cfg.start_attempts, self.cfg.resume_attempts
+        request = inference_request
+        while True:
             # A replica the index named may have vanished since: the filter drops it and the
             # request goes to another.
             replica = self.replicas.pick(model.name, exclude=tried, route=route)
             if replica is None:
                 break
             tried.add(replica.address)
-            if attempt:
-                RETRIES.inc()
-            sent = False
+            resumed = bool(delivered)
             try:
-                async for msg in self._relay(replica, inference_request, context, tenant.name,
-                                             arrived, outcome, route):
-                    sent = True
+                async for msg in self._relay(replica, request, context, tenant.name, arrived,
+                                             outcome, route, resumed=resumed):
+                    if resumed and msg.finish_reason:
+                        # One stream, one usage: the prompt the client sent and every token
+                        # it received, however many replicas produced them.
+                        msg.usage.prompt_tokens = len(prompt_ids)
+                        msg.usage.completion_tokens = len(delivered) + len(msg.token_ids)
+                        msg.usage.cached_prompt_tokens = min(msg.usage.cached_prompt_tokens,
+                                                             len(prompt_ids))
+                    delivered.extend(msg.token_ids)
                     yield msg
                 return
             except grpc.aio.AioRpcError as exc:
                 status = exc.code()
                 if status == grpc.StatusCode.CANCELLED and not context.cancelled():
                     # Not our client: the replica cancelled it (shutting down). Retryable like
-                    # UNAVAILABLE while nothing has been sent.
+                    # UNAVAILABLE.
                     status = grpc.StatusCode.UNAVAILABLE
                 if status in CLIENT_FAULTS:
                     raise Rejected(status, exc.details() or status.name) from None
                 self.replicas.mark_failed(replica)
                 log.warning("replica call failed",
                             extra=fields(replica=replica.name, code=status.name,
-                                         request_id=valid.request_id, sent=sent,
-                                         detail=exc.details()))
+                                         request_id=valid.request_id,
+                                         delivered=len(delivered), detail=exc.details()))
                 last_error = f"replica {replica.name} failed: {status.name} {exc.details()}"
-                if sent or status not in RETRYABLE:
-                    # Tokens already reached the client: restarting would repeat them.
+                if status not in RETRYABLE:
                     raise Rejected(grpc.StatusCode.UNAVAILABLE,
-                                   f"{last_error}; the stream was interrupted, retry the "
-                                   "request") from None
+                                   f"{last_error}; retry the request") from None
+            if not delivered:
+                starts_left -= 1
+                if starts_left <= 0:
+                    break
+                RETRIES.inc()
+                continue
+            # Mid-stream: continue on another replica from the prompt plus what the client
+            # already has, so it sees one stream with no token twice and none lost.
+            if resumes_left <= 0:
+                raise Rejected(grpc.StatusCode.UNAVAILABLE,
+                               f"{last_error}; the stream was interrupted after "
+                               f"{len(delivered)} tokens and could not be resumed; retry the "
+                               "request") from None
+            resumes_left -= 1
+            remaining = valid.sampling.max_tokens - len(delivered)
+            if remaining <= 0:
+                # Every token arrived; only the replica's final message was lost.
+                RESUMES.labels("completed").inc()
+                yield gateway_pb2.GenerateResponse(
+                    finish_reason=common_pb2.FINISH_REASON_LENGTH,
+                    usage=common_pb2.Usage(prompt_tokens=len(prompt_ids),
+                                           completion_tokens=len(delivered)))
+                return
+            RESUMES.labels("resumed").inc()
+            request = inference_pb2.InferenceRequest()
+            request.CopyFrom(inference_request)
+            # Within the replicas' 128-character request_id limit.
+            request.request_id = f"{valid.request_id[:100]}-resume-{len(delivered)}"
+            request.prompt_token_ids.extend(delivered)
+            request.sampling.max_tokens = remaining
         raise Rejected(grpc.StatusCode.UNAVAILABLE,
                        f"no replica available for model {model.name!r} ({last_error}); retry "
                        "with backoff")
 
     async def _relay(self, replica: Replica, request, context, tenant: str, arrived: float,
-                     outcome: dict[str, float], route: PrefixRoute | None = None):
+                     outcome: dict[str, float], route: PrefixRoute | None = None,
+                     resumed: bool = False):
+        """One replica's stream as gateway messages. ``resumed``: the continuation of a stream
+        another replica started (no second first token, no second request id)."""
         remaining = context.time_remaining()
         call = replica.stub.Generate(request, timeout=remaining)
         replica.in_flight += 1
@@ -252,8 +294,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 now = time.monotonic()
                 if first:
                     msg.served_by.CopyFrom(served_by)
-                    msg.request_id = request.request_id
-                    TTFT.observe(now - arrived)
+                    if not resumed:
+                        msg.request_id = request.request_id
+                        TTFT.observe(now - arrived)
                     first = False
                     if route is not None:
                         # Its engine has prefilled the prompt: it now holds these blocks.
