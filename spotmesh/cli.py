@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import time
@@ -57,6 +58,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         cache_milvus_uri=a.cache_milvus_uri,
         routing=a.routing,
         prefix_mode=a.prefix_mode,
+        autoscale=a.autoscale,
+        autoscale_args=shlex.split(a.autoscale_args),
         log=_err,
     )
     stop = {"now": False}
@@ -96,6 +99,43 @@ def cmd_status(a: argparse.Namespace) -> int:
     doc = status(state_dir(a.state_dir))
     print(json.dumps(doc, indent=2))
     return 0 if doc["running"] else 1
+
+
+def cmd_preempt(a: argparse.Namespace) -> int:
+    """Reclaim a replica the way a cloud reclaims a spot instance: a notice (the replica drains),
+    then termination when the notice runs out; optionally no spot capacity for a while."""
+    from services.autoscaler.local import kill_group, pid_alive
+    from spotmesh.files import write_atomically
+    from spotmesh.mesh import state_dir, status
+
+    directory = state_dir(a.state_dir)
+    doc = status(directory)
+    target = next((p for p in doc["processes"]
+                   if p["role"] == "inference" and p["replica"] == a.replica), None)
+    if target is None or not target["pid"]:
+        names = [p["replica"] for p in doc["processes"] if p["role"] == "inference"]
+        _err(f"no running replica {a.replica!r}; replicas: {', '.join(names) or 'none'}")
+        return 2
+    if a.notice < 0 or a.spot_unavailable_for < 0:
+        _err("--notice and --spot-unavailable-for must be >= 0")
+        return 2
+    home = directory / "autoscaler"
+    if a.spot_unavailable_for:
+        write_atomically(home / "market.json", json.dumps(
+            {"unavailable_until": time.time() + a.spot_unavailable_for}))
+    write_atomically(home / "notices" / a.replica, json.dumps({"at": time.time()}))
+    pid = target["pid"]
+    _err(f"reclaiming {a.replica} (pid {pid}): {a.notice:.0f}s notice")
+    os.kill(pid, signal.SIGTERM)  # the notice: stop admitting, finish or hand over streams
+    deadline = time.monotonic() + a.notice
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid_alive(pid):
+        kill_group(pid)  # the instance goes, with everything running on it
+        _err(f"{a.replica} terminated at the end of its notice")
+    else:
+        _err(f"{a.replica} drained and exited within its notice")
+    return 0
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -224,12 +264,27 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefix-mode", choices=["approximate", "precise"], default="approximate",
                     help="approximate: gateways record where they routed; precise: replicas "
                          "relay their engines' KV-cache events")
+    up.add_argument("--autoscale", action="store_true",
+                    help="let the autoscaler start and stop replicas (spot and on-demand) "
+                         "from load; --replicas is then ignored")
+    up.add_argument("--autoscale-args", default="",
+                    help="flags for the autoscaler, e.g. \"--target-load 4 --spot-max 3\" "
+                         "(python -m services.autoscaler --help)")
     up.add_argument("--kv-capacity-blocks", type=int, default=0,
                     help="cap each replica's KV cache at this many blocks (0: --kv-cache-gib)")
     up.add_argument("--cache-milvus-uri", default="",
                     help="a Milvus server for the semantic cache (default: embedded "
                          "milvus-lite in the state directory)")
     up.set_defaults(fn=cmd_up)
+
+    pe = sub.add_parser("preempt", help="reclaim a replica as a cloud reclaims spot: a notice "
+                                        "(it drains), then termination")
+    pe.add_argument("replica", help="the replica's name, e.g. spot-1 (see spotmesh status)")
+    pe.add_argument("--notice", type=float, default=30.0,
+                    help="seconds between the notice and termination (AWS gives 120)")
+    pe.add_argument("--spot-unavailable-for", type=float, default=0.0,
+                    help="also make spot capacity unavailable for this many seconds")
+    pe.set_defaults(fn=cmd_preempt)
 
     st = sub.add_parser("status", help="print the running mesh as JSON")
     st.set_defaults(fn=cmd_status)

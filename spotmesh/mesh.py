@@ -150,6 +150,8 @@ class LocalMesh:
         routing: str = "prefix",
         prefix_mode: str = "approximate",
         gateway_args: list[str] | None = None,
+        autoscale: bool = False,
+        autoscale_args: list[str] | None = None,
         log=print,
     ) -> None:
         self.dir = directory
@@ -174,6 +176,10 @@ class LocalMesh:
         self.routing = routing
         self.prefix_mode = prefix_mode
         self.gateway_args = list(gateway_args or [])
+        # With the autoscaler, replicas are its to start and stop (services.autoscaler.local);
+        # `replicas` is then not started statically.
+        self.autoscale = autoscale
+        self.autoscale_args = list(autoscale_args or [])
         self.log = log
         self.children: list[Child] = []
         self.state: MeshState | None = None
@@ -270,7 +276,7 @@ class LocalMesh:
             replica_extra = ["--prefix-cache", cache.info.address,
                              "--prefix-token", self._cache_tokens()[0]]
         replicas = []
-        for i in range(self.n_replicas):
+        for i in range(0 if self.autoscale else self.n_replicas):
             pool = "spot" if i >= self.n_replicas - self.spot_replicas else "on-demand"
             name = f"{'spot' if pool == 'spot' else 'od'}-{i}"
             args = ["--replica", name, "--pool", pool, "--port", "0", "--model", self.model,
@@ -282,9 +288,10 @@ class LocalMesh:
         self._publish()
         self._wait_ready([c for c in support if not c.info.address] + replicas, timeout)
         replicas_file = self.dir / "replicas.json"
-        tmp = replicas_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps([c.info.address for c in replicas]))
-        os.replace(tmp, replicas_file)
+        if not self.autoscale:
+            tmp = replicas_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps([c.info.address for c in replicas]))
+            os.replace(tmp, replicas_file)
 
         gw_args = ["--port", str(self.port), "--api-keys", str(keys),
                    "--model", f"{self.served_model_name}={self.model}",
@@ -300,7 +307,48 @@ class LocalMesh:
         self._publish()
         self._wait_ready([gateway], timeout)
         self._publish()
+        if self.autoscale:
+            self._start_autoscaler(gateway, replica_extra, timeout)
         return self.state
+
+    def _start_autoscaler(self, gateway: Child, replica_extra: list[str],
+                          timeout: float) -> None:
+        replica_args = ["--model", self.model, "--served-model-name", self.served_model_name,
+                        "--kv-cache-gib", str(self.kv_cache_gib), *replica_extra,
+                        *self.inference_args]
+        cache = next(c for c in self.children if c.info.role == "cache")
+        args = ["--port", "0", "--platform", "local", "--state-dir", str(self.dir),
+                "--gateway-metrics", gateway.info.metrics,
+                "--prefix-cache", cache.info.address, "--prefix-token", self._cache_tokens()[0],
+                "--model-name", self.served_model_name,
+                *(f"--inference-arg={a}" for a in replica_args), *self.autoscale_args]
+        autoscaler = self._spawn("autoscaler", "autoscaler", args)
+        self.children.append(autoscaler)
+        self._publish()
+        self._wait_ready([autoscaler], timeout)
+        self._publish()
+        # Up means serving: wait for the autoscaler's first replica.
+        started = time.monotonic()
+        replicas_file = self.dir / "replicas.json"
+        next_progress = started + 10
+        while True:
+            try:
+                if json.loads(replicas_file.read_text()) and _gateway_sees_a_replica(gateway):
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            if autoscaler.popen.poll() is not None:
+                raise RuntimeError(f"the autoscaler exited with {autoscaler.popen.returncode};"
+                                   f" see {autoscaler.info.log}")
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"the autoscaler started no replica in {timeout:.0f}s; see "
+                                   f"{autoscaler.info.log} and {self.dir / 'logs'}")
+            if time.monotonic() > next_progress:
+                self.log(f"  waiting for the autoscaler's first replica "
+                         f"({time.monotonic() - started:.0f}s)")
+                next_progress += 10
+            time.sleep(0.2)
+        self.log("  autoscaler ready; first replica serving")
 
     def _cache_tokens(self) -> tuple[str, str]:
         """The gateway's service token and the operator's admin token for the cache, kept in
@@ -351,7 +399,7 @@ class LocalMesh:
     def stop(self, grace: float = 30.0) -> None:
         """Gateway first (stops admitting, finishes its streams and pending cache stores), then
         the replicas, then the cache tier."""
-        order = {"gateway": 0, "inference": 1}
+        order = {"gateway": 0, "autoscaler": 1, "inference": 2}
         groups: dict[int, list[Child]] = {}
         for c in self.children:
             groups.setdefault(order.get(c.info.role, 2), []).append(c)
@@ -366,8 +414,27 @@ class LocalMesh:
                 except subprocess.TimeoutExpired:
                     c.popen.kill()
                     c.popen.wait()
+            if group and group[0].info.role == "autoscaler":
+                # Its replicas outlive it by design (a restarted autoscaler adopts them); the
+                # mesh stopping is what ends them.
+                from services.autoscaler.local import stop_all
+
+                stop_all(self.dir, grace)
         (self.dir / "mesh.json").unlink(missing_ok=True)
         (self.dir / "replicas.json").unlink(missing_ok=True)
+
+
+def _gateway_sees_a_replica(gateway: Child) -> bool:
+    """The gateway has polled a replica and may route to it (its replicas gauge)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{gateway.info.metrics}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return False
+    return any(line.startswith('spotmesh_gateway_replicas{state="available"}')
+               and float(line.rsplit(" ", 1)[1]) >= 1 for line in text.splitlines())
 
 
 def status(directory: Path) -> dict:
@@ -388,5 +455,22 @@ def status(directory: Path) -> dict:
             "health": health_of(p.address) if alive and p.address else
             ("STARTING" if alive else "EXITED"),
         })
+    managed = directory / "autoscaler" / "instances.json"
+    if managed.exists():
+        try:
+            instances = json.loads(managed.read_text()).get("instances", [])
+        except ValueError:
+            instances = []
+        for m in instances:
+            alive = pid_alive(m["pid"]) if m["pid"] else False
+            procs.append({
+                "role": "inference", "replica": m["name"], "pid": m["pid"],
+                "address": m["address"], "pool": m["pool"], "metrics": m["metrics"],
+                "managed_by": "autoscaler",
+                "health": ("DRAINING" if m["draining"] else
+                           health_of(m["address"]) if alive and m["address"] else
+                           "STARTING" if alive else
+                           "PENDING" if not m["pid"] else "EXITED"),
+            })
     return {"state_dir": str(directory), "running": True, "api_keys": state.api_keys,
             "processes": procs}

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from spotmesh.v1 import common_pb2 as spotmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspotmesh/v1/autoscaler.proto\x12\x0bspotmesh.v1\x1a\x18spotmesh/v1/common.proto\"\x0f\n\rStatusRequest\"s\n\tPoolState\x12\x1f\n\x04pool\x18\x01 \x01(\x0e\x32\x11.spotmesh.v1.Pool\x12\x0f\n\x07\x64\x65sired\x18\x02 \x01(\x05\x12\r\n\x05ready\x18\x03 \x01(\x05\x12\x0f\n\x07pending\x18\x04 \x01(\x05\x12\x14\n\x0cusd_per_hour\x18\x05 \x01(\x01\"^\n\x0eStatusResponse\x12%\n\x05pools\x18\x01 \x03(\x0b\x32\x16.spotmesh.v1.PoolState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rreconciled_at\x18\x03 \x01(\x01\x32O\n\nAutoscaler\x12\x41\n\x06Status\x12\x1a.spotmesh.v1.StatusRequest\x1a\x1b.spotmesh.v1.StatusResponseB<Z:github.com/spotmesh/spotmesh/gen/go/spotmesh/v1;spotmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cspotmesh/v1/autoscaler.proto\x12\x0bspotmesh.v1\x1a\x18spotmesh/v1/common.proto\"\x0f\n\rStatusRequest\"s\n\tPoolState\x12\x1f\n\x04pool\x18\x01 \x01(\x0e\x32\x11.spotmesh.v1.Pool\x12\x0f\n\x07\x64\x65sired\x18\x02 \x01(\x05\x12\r\n\x05ready\x18\x03 \x01(\x05\x12\x0f\n\x07pending\x18\x04 \x01(\x05\x12\x14\n\x0cusd_per_hour\x18\x05 \x01(\x01\"\xe8\x01\n\x0eStatusResponse\x12%\n\x05pools\x18\x01 \x03(\x0b\x32\x16.spotmesh.v1.PoolState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rreconciled_at\x18\x03 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x04 \x01(\x03\x12\x1b\n\x0espot_available\x18\x05 \x01(\x08H\x00\x88\x01\x01\x12(\n\tdecisions\x18\x06 \x03(\x0b\x32\x15.spotmesh.v1.Decision\x12\x19\n\x11\x66\x61iled_reconciles\x18\x07 \x01(\x03\x42\x11\n\x0f_spot_available\"Y\n\x08\x44\x65\x63ision\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\x0c\n\x04spot\x18\x02 \x01(\x05\x12\x11\n\ton_demand\x18\x03 \x01(\x05\x12\x0f\n\x07removed\x18\x04 \x03(\t\x12\x0f\n\x07reasons\x18\x05 \x03(\t2O\n\nAutoscaler\x12\x41\n\x06Status\x12\x1a.spotmesh.v1.StatusRequest\x1a\x1b.spotmesh.v1.StatusResponseB<Z:github.com/spotmesh/spotmesh/gen/go/spotmesh/v1;spotmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_end=86
   _globals['_POOLSTATE']._serialized_start=88
   _globals['_POOLSTATE']._serialized_end=203
-  _globals['_STATUSRESPONSE']._serialized_start=205
-  _globals['_STATUSRESPONSE']._serialized_end=299
-  _globals['_AUTOSCALER']._serialized_start=301
-  _globals['_AUTOSCALER']._serialized_end=380
+  _globals['_STATUSRESPONSE']._serialized_start=206
+  _globals['_STATUSRESPONSE']._serialized_end=438
+  _globals['_DECISION']._serialized_start=440
+  _globals['_DECISION']._serialized_end=529
+  _globals['_AUTOSCALER']._serialized_start=531
+  _globals['_AUTOSCALER']._serialized_end=610
 # @@protoc_insertion_point(module_scope)

@@ -27,11 +27,33 @@ class PoolState(_message.Message):
     def __init__(self, pool: _Optional[_Union[_common_pb2.Pool, str]] = ..., desired: _Optional[int] = ..., ready: _Optional[int] = ..., pending: _Optional[int] = ..., usd_per_hour: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("pools", "reason", "reconciled_at")
+    __slots__ = ("pools", "reason", "reconciled_at", "preemptions", "spot_available", "decisions", "failed_reconciles")
     POOLS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RECONCILED_AT_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SPOT_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_RECONCILES_FIELD_NUMBER: _ClassVar[int]
     pools: _containers.RepeatedCompositeFieldContainer[PoolState]
     reason: str
     reconciled_at: float
-    def __init__(self, pools: _Optional[_Iterable[_Union[PoolState, _Mapping]]] = ..., reason: _Optional[str] = ..., reconciled_at: _Optional[float] = ...) -> None: ...
+    preemptions: int
+    spot_available: bool
+    decisions: _containers.RepeatedCompositeFieldContainer[Decision]
+    failed_reconciles: int
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolState, _Mapping]]] = ..., reason: _Optional[str] = ..., reconciled_at: _Optional[float] = ..., preemptions: _Optional[int] = ..., spot_available: _Optional[bool] = ..., decisions: _Optional[_Iterable[_Union[Decision, _Mapping]]] = ..., failed_reconciles: _Optional[int] = ...) -> None: ...
+
+class Decision(_message.Message):
+    __slots__ = ("at", "spot", "on_demand", "removed", "reasons")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    SPOT_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    at: float
+    spot: int
+    on_demand: int
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, at: _Optional[float] = ..., spot: _Optional[int] = ..., on_demand: _Optional[int] = ..., removed: _Optional[_Iterable[str]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
