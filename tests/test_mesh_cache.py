@@ -31,7 +31,15 @@ cache_truncated = true
 [tenants.beta]
 cache_threshold = 0.9
 cache_truncated = true
+
+[[keys]]
+tenant = "gamma"
+key = "sk-gamma"
+
+[tenants.gamma]
+tokens_per_minute = 600
 """
+GAMMA = [("authorization", "Bearer sk-gamma")]
 ALPHA = [("authorization", "Bearer sk-alpha")]
 BETA = [("authorization", "Bearer sk-beta")]
 
@@ -152,3 +160,18 @@ def test_requests_are_still_served_when_the_cache_is_down(stub, cache_mesh):
     gw = cache_mesh.state.gateway()
     text = urllib.request.urlopen(f"http://{gw.metrics}/metrics", timeout=5).read().decode()
     assert 'spotmesh_gateway_cache_errors_total{stage="lookup"}' in text
+
+
+def test_a_tenant_over_its_token_rate_gets_resource_exhausted(stub):
+    # 600 tokens a minute: one request may reserve prompt + max_tokens of them.
+    req = gateway_pb2.GenerateRequest(
+        prompt="rate me", cache=gateway_pb2.CacheControl(mode=gateway_pb2.CACHE_MODE_BYPASS),
+        sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=250))
+    stub.Complete(req, metadata=GAMMA, timeout=60)
+    stub.Complete(req, metadata=GAMMA, timeout=60)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Complete(req, metadata=GAMMA, timeout=60)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "tokens per minute" in err.value.details()
+    # Other tenants are not limited by gamma's use.
+    ask(stub, "still fine", ALPHA)

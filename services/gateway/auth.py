@@ -13,6 +13,8 @@ The keys file is TOML, one ``[[keys]]`` table per key::
     cache_ttl_seconds = 3600     # absolute; hits never extend it
     cache_sampled = false        # also cache answers sampled with temperature > 0
     cache_truncated = false      # also cache answers cut by max_tokens
+    requests_per_second = 20     # rate limits (0 or absent: unlimited); over them a request
+    tokens_per_minute = 200000   # gets RESOURCE_EXHAUSTED (prompt + max_tokens are counted)
 
 Keys are looked up by their SHA-256, so the file need not hold a usable secret and the lookup
 time does not depend on how much of a guessed key matches.
@@ -25,6 +27,8 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.gateway.ratelimit import RateLimits
 
 # Tenant ids end up in cache filters and metric labels: a strict alphabet keeps both safe.
 TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -50,6 +54,7 @@ class Tenant:
     models: frozenset[str]
     admin: bool = False
     cache: CachePolicy = field(default_factory=CachePolicy)
+    limits: RateLimits = field(default_factory=RateLimits)
 
     def may_use(self, model: str) -> bool:
         return "*" in self.models or model in self.models
@@ -77,7 +82,7 @@ class ApiKeys:
             doc = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise KeysFileError(f"cannot read API keys file {path}: {exc}") from exc
-        policies = _cache_policies(doc.get("tenants", {}), path)
+        policies, limits = _tenant_settings(doc.get("tenants", {}), path)
         by_hash: dict[str, Tenant] = {}
         entries = doc.get("keys", [])
         if not isinstance(entries, list):
@@ -109,7 +114,8 @@ class ApiKeys:
             if digest in by_hash:
                 raise KeysFileError(f"{where}: duplicate key")
             by_hash[digest] = Tenant(tenant, frozenset(models), admin,
-                                     policies.get(tenant, CachePolicy()))
+                                     policies.get(tenant, CachePolicy()),
+                                     limits.get(tenant, RateLimits()))
         if not by_hash:
             raise KeysFileError(f"{path}: no [[keys]] entries")
         return cls(by_hash)
@@ -135,16 +141,18 @@ class ApiKeys:
         return tenant
 
 
-def _cache_policies(table: object, path: str | Path) -> dict[str, CachePolicy]:
+def _tenant_settings(table: object, path: str | Path
+                     ) -> tuple[dict[str, CachePolicy], dict[str, RateLimits]]:
     if not isinstance(table, dict):
         raise KeysFileError(f"{path}: tenants must be a table ([tenants.NAME])")
     policies = {}
+    limits = {}
     for name, entry in table.items():
         where = f"{path}: tenants.{name}"
         if not TENANT_ID.fullmatch(name) or not isinstance(entry, dict):
             raise KeysFileError(f"{where}: must be a table named by a tenant id")
         unknown = set(entry) - {"cache_threshold", "cache_ttl_seconds", "cache_sampled",
-                                "cache_truncated"}
+                                "cache_truncated", "requests_per_second", "tokens_per_minute"}
         if unknown:
             raise KeysFileError(f"{where}: unknown settings {sorted(unknown)}")
         threshold = entry.get("cache_threshold", DEFAULT_CACHE_THRESHOLD)
@@ -161,4 +169,13 @@ def _cache_policies(table: object, path: str | Path) -> dict[str, CachePolicy]:
             if not isinstance(flags[key], bool):
                 raise KeysFileError(f"{where}: {key} must be true or false")
         policies[name] = CachePolicy(float(threshold), float(ttl), **flags)
-    return policies
+        rates = {}
+        for key in ("requests_per_second", "tokens_per_minute"):
+            value = entry.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                0 <= value <= 1e12
+            ):
+                raise KeysFileError(f"{where}: {key} must be a number >= 0 (0: unlimited)")
+            rates[key] = float(value)
+        limits[name] = RateLimits(**rates)
+    return policies, limits

@@ -15,6 +15,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog, UnknownModel
 from services.gateway.prefix import PrefixRoute, PrefixRouter
+from services.gateway.ratelimit import Limited, TenantLimiter
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.semantic import SemanticCacheClient, plan_for, replay, storable
 from services.gateway.validation import validate
@@ -44,6 +45,8 @@ ITL = Histogram("spotmesh_gateway_inter_token_latency_seconds",
 IN_FLIGHT = Gauge("spotmesh_gateway_in_flight_requests", "Requests being served.")
 RETRIES = Counter("spotmesh_gateway_start_retries_total",
                   "Streams restarted on another replica before their first token.")
+RATE_LIMITED = Counter("spotmesh_gateway_rate_limited_total",
+                       "Requests refused by a tenant's rate limit, by the limit hit.", ["limit"])
 RESUMES = Counter("spotmesh_gateway_stream_resumes_total",
                   "Streams continued on another replica after theirs failed mid-stream.",
                   ["outcome"])
@@ -60,8 +63,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, cfg: GatewayConfig, keys: ApiKeys, catalog: ModelCatalog,
                  replicas: ReplicaSet, ledger: CostLedger,
                  semantic: SemanticCacheClient | None = None,
-                 prefix: PrefixRouter | None = None) -> None:
+                 prefix: PrefixRouter | None = None,
+                 limiter: TenantLimiter | None = None) -> None:
         self.cfg = cfg
+        self.limiter = limiter or TenantLimiter()
         self.prefix = prefix or PrefixRouter()
         self.keys = keys
         self.catalog = catalog
@@ -152,12 +157,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def _generate(self, request, context):
         arrived = time.monotonic()
         tenant, valid, model, prompt_ids = self._admit(request, context)
+        reserved = len(prompt_ids) + valid.sampling.max_tokens
+        try:
+            self.limiter.admit(tenant.name, tenant.limits, reserved)
+        except Limited as exc:
+            RATE_LIMITED.labels(exc.limit).inc()
+            raise Rejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+        used = {"tokens": len(prompt_ids)}
+        try:
+            async for msg in self._generate_admitted(tenant, valid, model, prompt_ids, context,
+                                                     arrived, used):
+                yield msg
+        finally:
+            # Give back what the request did not use (it stopped early, failed, or was a
+            # cache hit that used no engine).
+            self.limiter.refund(tenant.name, reserved - used["tokens"])
+
+    async def _generate_admitted(self, tenant, valid, model, prompt_ids, context, arrived,
+                                 used):
         plan = plan_for(tenant, valid) if self.semantic else None
         vector = None
         if plan is not None:
             vector, answer = await self.semantic.lookup(tenant, model.name, plan)
             if answer is not None and len(answer.token_ids) <= valid.sampling.max_tokens:
                 self.semantic.book_hit(tenant, answer)
+                used["tokens"] = 0
                 first = True
                 for msg in replay(answer, model.tokenizer, valid.request_id, len(prompt_ids)):
                     if first:
@@ -174,6 +198,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         outcome: dict[str, float] = {}
         async for msg in self._from_replicas(tenant, valid, model, prompt_ids, context, arrived,
                                              outcome):
+            used["tokens"] += len(msg.token_ids)
             if collect:
                 texts.append(msg.text)
                 token_ids.extend(msg.token_ids)
