@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also make spot capacity unavailable for this many seconds")
     pe.set_defaults(fn=cmd_preempt)
 
+    from services.autoscaler import simulate
+
+    simulate.add_parser(sub)
+
     st = sub.add_parser("status", help="print the running mesh as JSON")
     st.set_defaults(fn=cmd_status)
 
