@@ -71,3 +71,16 @@ def test_limits_come_from_the_keys_file(tmp_path):
                     'requests_per_second = -1\n')
     with pytest.raises(KeysFileError, match="requests_per_second"):
         ApiKeys.load(path)
+
+
+def test_the_retry_budget_allows_a_share_of_traffic_plus_a_floor():
+    from services.gateway.ratelimit import RetryBudget
+
+    clock = Clock()
+    budget = RetryBudget(ratio=0.2, floor_per_second=1.0, capacity=3.0, clock=clock)
+    assert [budget.try_retry() for _ in range(4)] == [True, True, True, False]
+    for _ in range(5):
+        budget.on_request()  # 5 requests earn one retry
+    assert budget.try_retry() and not budget.try_retry()
+    clock.t += 1.0  # the floor refills one a second
+    assert budget.try_retry()

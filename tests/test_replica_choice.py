@@ -3,6 +3,8 @@ least loaded of them, spot before on-demand among equals, never an excluded one.
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from services.cache.prefix import block_hashes
@@ -33,7 +35,8 @@ def replica(
     ) if reported else None
     # No network: picking must never touch the channel or the stub.
     return Replica(address, channel=None, stub=None, report=report, reachable=reachable,
-                   consecutive_failures=failures, in_flight=in_flight)
+                   consecutive_failures=failures, in_flight=in_flight,
+                   skip_until=time.monotonic() + 60 if failures >= FAILURES_BEFORE_SKIP else 0.0)
 
 
 def replica_set(*replicas: Replica) -> ReplicaSet:
@@ -77,6 +80,18 @@ def test_marking_failures_and_success_moves_a_replica_out_and_back() -> None:
         rs.mark_failed(a)
     assert rs.pick(MODEL).address == "b"
     rs.mark_ok(a)
+    assert rs.pick(MODEL).address == "a"
+
+
+def test_the_breaker_reopens_for_longer_and_half_opens_after_its_cool_down() -> None:
+    a, b = replica("a"), replica("b", waiting=1)
+    rs = replica_set(a, b)
+    for _ in range(FAILURES_BEFORE_SKIP):
+        rs.mark_failed(a)
+    first = a.skip_until - time.monotonic()
+    rs.mark_failed(a)  # the trial call failed too
+    assert a.skip_until - time.monotonic() > first  # a longer cool-down
+    a.skip_until = time.monotonic() - 0.001  # its cool-down is over: one trial call
     assert rs.pick(MODEL).address == "a"
 
 

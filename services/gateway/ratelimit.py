@@ -102,3 +102,24 @@ class TenantLimiter:
         bucket = self._tokens.get(tenant)
         if bucket is not None and tokens > 0:
             bucket.give_back(tokens)
+
+
+class RetryBudget:
+    """Retries may add at most ``ratio`` of the gateway's traffic (plus a small floor), so a
+    failing fleet sees a trickle of retries rather than a storm that keeps it down (the gRPC
+    retry-throttling idea). Mid-stream resumes are not charged: they continue work the client
+    already has, they do not repeat it."""
+
+    def __init__(self, ratio: float = 0.2, floor_per_second: float = 5.0,
+                 capacity: float = 100.0, clock=time.monotonic) -> None:
+        self.ratio = ratio
+        self.bucket = TokenBucket(capacity, floor_per_second, clock)
+
+    def on_request(self) -> None:
+        self.bucket.give_back(self.ratio)
+
+    def try_retry(self) -> bool:
+        if self.bucket.wait_for(1) > 0:
+            return False
+        self.bucket.take(1)
+        return True

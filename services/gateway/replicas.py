@@ -25,8 +25,14 @@ from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 log = logging.getLogger("spotmesh.gateway")
 
 POOL_NAMES = {common_pb2.POOL_SPOT: "spot", common_pb2.POOL_ON_DEMAND: "on-demand"}
-# A replica that failed this many calls in a row is skipped until a Load poll succeeds again.
+# Circuit breaker: a replica that failed this many calls in a row is skipped for a cool-down
+# (1 s, doubling with each further failure, at most 30 s), then given one trial call (half
+# open); a success closes it. A Load poll that succeeds after the replica was unreachable ends
+# the cool-down early (it is back), but a replica that answers Load while failing calls stays
+# skipped.
 FAILURES_BEFORE_SKIP = 2
+BREAKER_BASE_SECONDS = 1.0
+BREAKER_MAX_SECONDS = 30.0
 
 REPLICAS = Gauge("spotmesh_gateway_replicas", "Known inference replicas by state.", ["state"])
 # "prefix": the scorer pipeline (prefix affinity balanced against load); "round-robin": the
@@ -38,6 +44,8 @@ ROUTING_DECISIONS = Counter(
 PREFIX_MATCHED_TOKENS = Counter(
     "spotmesh_gateway_prefix_matched_tokens_total",
     "Prompt tokens whose KV cache the chosen replica was expected to hold.")
+BREAKER_OPENS = Counter("spotmesh_gateway_replica_breaker_opens_total",
+                        "Times a failing replica was taken out of routing for a cool-down.")
 QUEUE_DEPTH = Gauge(
     "spotmesh_gateway_queue_depth", "Requests waiting in the engines' queues, over all replicas."
 )
@@ -51,6 +59,7 @@ class Replica:
     report: inference_pb2.LoadReport | None = None
     reachable: bool = False
     consecutive_failures: int = 0
+    skip_until: float = 0.0  # monotonic; the breaker is open before it
     in_flight: int = 0  # streams this gateway has open on it: fresher than any report
     reported_at: float = field(default=0.0)
 
@@ -68,7 +77,8 @@ class Replica:
             and self.report is not None
             and not self.report.draining
             and self.report.model == model
-            and self.consecutive_failures < FAILURES_BEFORE_SKIP
+            and (self.consecutive_failures < FAILURES_BEFORE_SKIP
+                 or time.monotonic() >= self.skip_until)
         )
 
 
@@ -157,9 +167,15 @@ class ReplicaSet:
 
     def mark_failed(self, replica: Replica) -> None:
         replica.consecutive_failures += 1
+        excess = replica.consecutive_failures - FAILURES_BEFORE_SKIP
+        if excess >= 0:
+            cool = min(BREAKER_MAX_SECONDS, BREAKER_BASE_SECONDS * 2 ** min(excess, 16))
+            replica.skip_until = time.monotonic() + cool
+            BREAKER_OPENS.inc()
 
     def mark_ok(self, replica: Replica) -> None:
         replica.consecutive_failures = 0
+        replica.skip_until = 0.0
 
     async def _loop(self) -> None:
         while True:
@@ -229,9 +245,12 @@ class ReplicaSet:
         if not replica.reachable:
             log.info("replica reachable", extra=fields(address=replica.address,
                                                        replica=report.replica))
+        was_unreachable = not replica.reachable
         replica.report = report
         replica.reachable = True
-        replica.consecutive_failures = 0
+        if was_unreachable:
+            # It is back: allow a trial call now rather than at the end of its cool-down.
+            replica.skip_until = min(replica.skip_until, time.monotonic())
         replica.reported_at = time.monotonic()
         if self._on_report is not None:
             self._on_report(report)

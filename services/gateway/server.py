@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 
 import grpc
@@ -15,7 +16,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog, UnknownModel
 from services.gateway.prefix import PrefixRoute, PrefixRouter
-from services.gateway.ratelimit import Limited, TenantLimiter
+from services.gateway.ratelimit import Limited, RetryBudget, TenantLimiter
 from services.gateway.replicas import Replica, ReplicaSet
 from services.gateway.semantic import SemanticCacheClient, plan_for, replay, storable
 from services.gateway.validation import validate
@@ -67,6 +68,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                  limiter: TenantLimiter | None = None) -> None:
         self.cfg = cfg
         self.limiter = limiter or TenantLimiter()
+        self.retry_budget = RetryBudget()
         self.prefix = prefix or PrefixRouter()
         self.keys = keys
         self.catalog = catalog
@@ -224,6 +226,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if self.replicas.routing == "prefix":
             route = await self.prefix.plan(model.name, prompt_ids,
                                            self.replicas.block_size(model.name))
+        self.retry_budget.on_request()
         tried: set[str] = set()
         last_error = "no replica serves it"
         delivered: list[int] = []  # token ids the client has received
@@ -271,6 +274,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 starts_left -= 1
                 if starts_left <= 0:
                     break
+                if not self.retry_budget.try_retry():
+                    last_error += "; the gateway's retry budget is spent"
+                    break
+                # Back off a little (jittered, within the client's deadline) so retries from
+                # many requests do not land on the next replica at the same instant.
+                pause = random.uniform(0.5, 1.5) * 0.01 * 2 ** (self.cfg.start_attempts
+                                                                - starts_left - 1)
+                left = context.time_remaining()
+                if left is not None and left < 4 * pause:
+                    break
+                await asyncio.sleep(pause)
                 RETRIES.inc()
                 continue
             # Mid-stream: continue on another replica from the prompt plus what the client
