@@ -127,6 +127,7 @@ class Child:
     info: ProcessInfo
     popen: subprocess.Popen
     ready_file: Path
+    args: list[str] = field(default_factory=list)
 
 
 class LocalMesh:
@@ -216,7 +217,7 @@ class LocalMesh:
         out.close()
         info = ProcessInfo(role=role, replica=name if role == "inference" else "",
                            pid=popen.pid, address="", pool=pool, log=str(logfile))
-        return Child(info, popen, ready)
+        return Child(info, popen, ready, list(args))
 
     def _wait_ready(self, children: list[Child], timeout: float) -> None:
         started = time.monotonic()
@@ -386,15 +387,37 @@ class LocalMesh:
         self.state.save(self.dir)
 
     def watch(self, stop_requested) -> None:
-        """Block until ``stop_requested()``; report children that die on their own."""
+        """Block until ``stop_requested()``; report children that die on their own, and
+        restart the gateway on its own port (clients see UNAVAILABLE meanwhile and succeed on
+        retry). Other services degrade gracefully when one is down; their restart is left to
+        the operator here (Kubernetes restarts every container)."""
         reported: set[int] = set()
+        restarts = 0
         while not stop_requested():
-            for c in self.children:
+            for c in list(self.children):
                 if c.popen.poll() is not None and c.popen.pid not in reported:
                     reported.add(c.popen.pid)
                     self.log(f"{c.info.role} {c.info.replica} (pid {c.popen.pid}) exited with "
                              f"{c.popen.returncode}; see {c.info.log}")
+                    if c.info.role == "gateway" and c.info.address and restarts < 5:
+                        restarts += 1
+                        time.sleep(min(8.0, 0.5 * 2 ** (restarts - 1)))
+                        self._restart(c)
             time.sleep(0.5)
+
+    def _restart(self, old: Child) -> None:
+        port = old.info.address.rsplit(":", 1)[1]
+        args = list(old.args)
+        args[args.index("--port") + 1] = port
+        new = self._spawn(old.info.role, old.info.role, args)
+        self.children[self.children.index(old)] = new
+        self._publish()
+        try:
+            self._wait_ready([new], 120)
+            self.log(f"{new.info.role} restarted at {new.info.address}")
+        except RuntimeError as exc:
+            self.log(f"{new.info.role} did not restart: {exc}")
+        self._publish()
 
     def stop(self, grace: float = 30.0) -> None:
         """Gateway first (stops admitting, finishes its streams and pending cache stores), then

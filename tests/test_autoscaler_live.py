@@ -145,6 +145,25 @@ def test_metrics_expose_every_decision(amesh):
     assert warmed and float(warmed[0].split()[1]) >= 1  # new replicas got the hot prefix
 
 
+def test_serving_continues_with_the_autoscaler_down(amesh):
+    import os
+    import signal
+
+    replicas = [p for p in _processes(amesh) if p["health"] == "SERVING"]
+    os.kill(next(p.pid for p in amesh.state.processes if p.role == "autoscaler"),
+            signal.SIGKILL)
+    with grpc.insecure_channel(amesh.gateway) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        for _ in range(3):
+            resp = stub.Complete(gateway_pb2.GenerateRequest(
+                prompt="autoscaler down", sampling=common_pb2.SamplingParams(max_tokens=8)),
+                metadata=amesh.metadata, timeout=60)
+            assert resp.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    # Its replicas outlive it (a restarted autoscaler adopts them).
+    assert [p["replica"] for p in _processes(amesh) if p["health"] == "SERVING"] == \
+        [p["replica"] for p in replicas]
+
+
 def test_ctrl_c_stops_the_autoscalers_replicas_too(amesh):
     pids = [p["pid"] for p in _processes(amesh) if p["pid"]]
     assert amesh.stop() == 0
