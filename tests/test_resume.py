@@ -12,7 +12,13 @@ import grpc
 import pytest
 from conftest import Mesh
 
-from spotmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from spotmesh.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+)
 
 pytestmark = pytest.mark.mesh
 
@@ -22,7 +28,8 @@ MAX_TOKENS = 400
 
 @pytest.fixture(scope="module")
 def rmesh(tmp_path_factory, tiny_model):
-    m = Mesh(tmp_path_factory.mktemp("rmesh"), "--replicas", "2", "--no-cache")
+    # Three replicas: one is drained, one killed, and each stream needs somewhere to go.
+    m = Mesh(tmp_path_factory.mktemp("rmesh"), "--replicas", "3", "--no-cache")
     yield m
     m.stop()
 
@@ -30,6 +37,33 @@ def rmesh(tmp_path_factory, tiny_model):
 def request() -> gateway_pb2.GenerateRequest:
     return gateway_pb2.GenerateRequest(
         prompt=PROMPT, sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
+
+
+def test_a_reclaim_notice_hands_unfinished_streams_over_before_the_deadline(rmesh):
+    """The autoscaler's reclaim (Drain with a grace period) on the serving replica: it stops
+    admitting, evicts what will not finish in time, and the gateway resumes it elsewhere."""
+    with grpc.insecure_channel(rmesh.gateway) as ch:
+        stub = gateway_pb2_grpc.GatewayStub(ch)
+        reference = stub.Complete(request(), metadata=rmesh.metadata, timeout=120)
+        texts, served, final = [], [], None
+        drained = None
+        for msg in stub.Generate(request(), metadata=rmesh.metadata, timeout=120):
+            texts.append(msg.text)
+            if msg.served_by.replica:
+                served.append(msg.served_by.replica)
+            if drained is None:
+                drained = next(r for r in rmesh.replicas if r.replica == served[0])
+                with grpc.insecure_channel(drained.address) as rc:
+                    inference_pb2_grpc.InferenceStub(rc).Drain(
+                        inference_pb2.DrainRequest(grace_seconds=0.2), timeout=10)
+            if msg.finish_reason:
+                final = msg
+        # New work never goes to the draining replica.
+        again = stub.Complete(request(), metadata=rmesh.metadata, timeout=120)
+    assert len(set(served)) == 2, served
+    assert "".join(texts) == reference.text
+    assert final.usage.completion_tokens == MAX_TOKENS
+    assert again.served_by.replica != drained.replica
 
 
 def test_a_stream_continues_on_another_replica_when_its_replica_dies(rmesh):
