@@ -101,6 +101,56 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0 if doc["running"] else 1
 
 
+def cmd_cost(a: argparse.Namespace) -> int:
+    """Per-tenant, per-pool cost from the running mesh's gateway."""
+    import urllib.request
+
+    from services.gateway.ledger import report_from_metrics
+    from spotmesh.mesh import MeshState, state_dir
+
+    address = a.metrics
+    if not address:
+        state = MeshState.load(state_dir(a.state_dir))
+        gw = state.gateway() if state else None
+        if gw is None or not gw.metrics:
+            _err("no running mesh (start one with `spotmesh up`, or pass --metrics HOST:PORT)")
+            return 1
+        address = gw.metrics
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
+            report = report_from_metrics(resp.read().decode())
+    except OSError as exc:
+        _err(f"cannot read the gateway's metrics at {address}: {exc}")
+        return 1
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+
+    def per_mtok(v):
+        return f"{v:.4f}" if v is not None else "-"
+
+    print(f"{'tenant':<20} {'pool':<10} {'cost $':>12} {'tokens':>10} {'$ / 1M tok':>11}")
+    for name, t in sorted(report["tenants"].items()):
+        tokens = t["tokens"].get("prompt", 0) + t["tokens"].get("completion", 0)
+        for pool_name, cost in sorted(t["cost_usd"].items()):
+            print(f"{name:<20} {pool_name:<10} {cost:>12.6f}")
+        print(f"{name:<20} {'all':<10} {t['total_usd']:>12.6f} {tokens:>10} "
+              f"{per_mtok(t['cost_per_mtok_usd']):>11}   semantic cache saved "
+              f"${t['semantic_saved_usd']:.6f}")
+    print()
+    print(f"{'pool':<10} {'cost $':>12} {'prompt':>10} {'cached':>10} {'completion':>10} "
+          f"{'$ / 1M tok':>11}")
+    for name, p in sorted(report["pools"].items()):
+        tk = p["tokens"]
+        print(f"{name:<10} {p['cost_usd']:>12.6f} {tk.get('prompt', 0):>10} "
+              f"{tk.get('cached_prompt', 0):>10} {tk.get('completion', 0):>10} "
+              f"{per_mtok(p['cost_per_mtok_usd']):>11}")
+    print()
+    for tier, usd in sorted(report["saved_usd"].items()):
+        print(f"saved by the {tier} tier: ${usd:.6f}")
+    return 0
+
+
 def cmd_preempt(a: argparse.Namespace) -> int:
     """Reclaim a replica the way a cloud reclaims a spot instance: a notice (the replica drains),
     then termination when the notice runs out; optionally no spot capacity for a while."""
@@ -276,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a Milvus server for the semantic cache (default: embedded "
                          "milvus-lite in the state directory)")
     up.set_defaults(fn=cmd_up)
+
+    co = sub.add_parser("cost", help="per-tenant, per-pool cost and savings of the running mesh")
+    co.add_argument("--metrics", default="", metavar="HOST:PORT",
+                    help="a gateway's metrics endpoint (default: the local mesh's gateway)")
+    co.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    co.set_defaults(fn=cmd_cost)
 
     pe = sub.add_parser("preempt", help="reclaim a replica as a cloud reclaims spot: a notice "
                                         "(it drains), then termination")

@@ -19,6 +19,9 @@ NOW = 10_000.0
 # A state as if the policy had been running a while with nothing recent: no start-up hold,
 # no cooldown pending.
 SETTLED = PolicyState(started_at=0.0)
+# The tests below pin decisions with the on-demand floor always kept; the availability-aware
+# release of the floor has its own tests.
+FIXED_FLOOR = PolicyConfig(floor_release_seconds=None)
 
 
 def ready(name: str, pool: str = "spot", load: int = 0, kv: float = 0.1, gpu: float = -1.0,
@@ -58,7 +61,7 @@ def run(replicas: list[ReplicaSignal], *, rate: float = 1.0, now: float = NOW,
     signals = Signals(replicas=replicas, arrival_rate_rps=rate, now=now,
                       unassigned_waiting=unassigned)
     return plan(signals, pools or pools_for(replicas), PRICES, now, state,
-                config or PolicyConfig(), market)
+                config or FIXED_FLOOR, market)
 
 
 def test_queue_growth_scales_out_to_the_target_per_replica() -> None:
@@ -178,7 +181,7 @@ def test_traffic_at_zero_replicas_scales_up_at_once() -> None:
 def test_on_demand_floor_is_kept_and_the_rest_goes_to_spot() -> None:
     replicas = [ready("s1", load=24), ready("s2", load=24)]
     p = run(replicas, state=PolicyState(started_at=0.0, needed=2),
-            config=PolicyConfig(on_demand_floor=1))
+            config=PolicyConfig(on_demand_floor=1, floor_release_seconds=None))
     assert p.on_demand == 1
     assert p.spot == 2
 
@@ -241,7 +244,7 @@ def test_replicas_counted_ready_without_a_signal_are_not_idle_capacity() -> None
 
 
 def test_spot_reclaim_falls_back_to_on_demand_then_hands_it_back() -> None:
-    config = PolicyConfig(on_demand_floor=1)
+    config = PolicyConfig(on_demand_floor=1, floor_release_seconds=None)
     before = [ready(f"s{i}", load=16) for i in range(3)] + [ready("od1", "on-demand", load=16)]
     steady = run(before, state=PolicyState(started_at=0.0, needed=4), config=config)
     assert (steady.spot, steady.on_demand) == (3, 1)
@@ -300,7 +303,8 @@ def test_scale_in_picks_idle_replicas_then_fewest_cached_prefixes() -> None:
                 ready("s-light-rich", load=1, prefix_blocks=700),
                 ready("od1", "on-demand", load=0)]
     p = run(replicas, state=PolicyState(started_at=0.0, needed=6),
-            config=PolicyConfig(max_scale_in_fraction=1.0, on_demand_floor=1))
+            config=PolicyConfig(max_scale_in_fraction=1.0, on_demand_floor=1,
+                                floor_release_seconds=None))
     # 8 requests fit on one replica, the on-demand floor: every spot replica goes, cheapest
     # loss first (idle before busy, fewer cached prefixes before more).
     assert (p.spot, p.on_demand) == (0, 1)
@@ -386,3 +390,97 @@ def test_malformed_signals_are_rejected(bad: dict) -> None:
 def test_duplicate_replica_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="duplicate"):
         Signals(replicas=[ready("s1"), ready("s1")], now=NOW)
+
+
+# -- availability-aware on-demand floor, reclaim reserve, reclaim refill sizing ---------------
+
+
+def test_on_demand_floor_is_released_after_spot_has_been_reliable() -> None:
+    config = PolicyConfig(on_demand_floor=1, floor_release_seconds=3600.0)
+    replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
+        ready("od1", "on-demand", load=16)]
+    # Running 30 minutes, no reclaim: no evidence yet that spot is reliable, the floor stays.
+    young = run(replicas, state=PolicyState(started_at=NOW - 1800, needed=5), config=config)
+    assert (young.spot, young.on_demand) == (4, 1)
+    assert not any("floor" in r and "released" in r for r in young.reasons)
+
+    # Two hours without trouble: the floor goes to spot; spot is asked for first, and the
+    # on-demand replica is only handed back once that spot replica is ready.
+    old = PolicyState(started_at=NOW - 7200, needed=5)
+    p = run(replicas, state=old, config=config)
+    assert (p.spot, p.on_demand) == (5, 1)
+    assert p.remove == []
+    assert any("on-demand floor of 1 released" in r for r in p.reasons)
+    up = at([*replicas[:4], ready("s4", load=13), ready("od1", "on-demand", load=3)], NOW + 200)
+    back = run(up, now=NOW + 200, state=p.state, config=config)
+    assert (back.spot, back.on_demand) == (5, 0)
+    assert back.remove == ["od1"]
+
+
+def test_a_recent_reclaim_or_unfilled_spot_keeps_the_on_demand_floor() -> None:
+    config = PolicyConfig(on_demand_floor=1, floor_release_seconds=3600.0)
+    replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
+        ready("od1", "on-demand", load=16)]
+    old = PolicyState(started_at=NOW - 7200, needed=5)
+    # A reclaim 20 minutes ago (spot requests since filled): the floor is kept.
+    recent = SpotMarket(available=True, last_preemption_at=NOW - 1200)
+    p = run(replicas, state=old, config=config, market=recent)
+    assert (p.spot, p.on_demand) == (4, 1)
+    # A reclaim two hours ago: released again.
+    p = run(replicas, state=old, config=config,
+            market=SpotMarket(available=True, last_preemption_at=NOW - 7200))
+    assert p.on_demand == 1 and p.spot == 5
+    # Spot requests not being filled right now: the floor is kept however long ago trouble was.
+    p = run(replicas, state=old, config=config, market=SpotMarket(available=False))
+    assert p.on_demand >= 1
+    assert not any("released" in r for r in p.reasons)
+
+
+def test_floor_release_none_keeps_the_floor_forever() -> None:
+    config = PolicyConfig(on_demand_floor=1, floor_release_seconds=None)
+    replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
+        ready("od1", "on-demand", load=16)]
+    p = run(replicas, state=PolicyState(started_at=NOW - 10 * 86400, needed=5), config=config)
+    assert (p.spot, p.on_demand) == (4, 1)
+
+
+def test_floor_release_must_not_be_negative() -> None:
+    with pytest.raises(ValueError, match=r"config\.floor_release_seconds"):
+        PolicyConfig(floor_release_seconds=-1.0).validate()
+
+
+def test_reclaim_reserve_on_demand_is_at_most_one_replica() -> None:
+    # Spot keeps being reclaimed and requests go unfilled: the over-provisioning that rides on
+    # spot while spot delivers is held on demand, but only one replica of it.
+    replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
+        ready("od1", "on-demand", load=16)]
+    market = SpotMarket(available=False, preemption_rate_per_replica_hour=2.0,
+                        last_preemption_at=NOW - 60)
+    p = run(replicas, state=PolicyState(started_at=0.0, needed=5), market=market)
+    assert p.spot == 4 + 2  # spot still asked for, over-provisioned by the reclaim rate
+    assert p.on_demand == 1 + 1  # the floor and a reserve of one, not two
+    assert any("reclaim reserve of 1" in r for r in p.reasons)
+
+
+def test_reclaim_replacement_is_sized_by_arrival_rate_not_the_backlog_it_leaves() -> None:
+    config = PolicyConfig(on_demand_floor=1, floor_release_seconds=None)
+    before = [ready(f"s{i}", load=16) for i in range(3)] + [ready("od1", "on-demand", load=16)]
+    steady = run(before, rate=5.0, state=PolicyState(started_at=0.0, needed=4), config=config)
+    market = SpotMarket(last_preemption_at=NOW + 10, preemption_rate_per_replica_hour=0.0)
+    # Reclaim seen: on-demand replaces the lost replica at once.
+    lost = [*before[:2], before[3]]
+    p = run(at(lost, NOW + 20), rate=5.0, now=NOW + 20, state=steady.state, config=config,
+            market=market)
+    assert (p.spot, p.on_demand) == (3, 2)
+    # 40 s later the lost replica's requests and the new arrivals queue while the replacement
+    # starts: at the same arrival rate that backlog is not new demand.
+    queued = [*at(lost, NOW + 60), pending("od2", "on-demand", since=NOW + 20)]
+    q = run(queued, rate=5.0, now=NOW + 60, state=p.state, config=config, market=market,
+            unassigned=40)
+    assert q.spot + q.on_demand == 5  # needed stays 4; 3 spot asked + od1 + od2 starting
+    assert q.state.needed == 4
+    assert any("not the backlog" in r for r in q.reasons)
+    # A higher arrival rate still scales out.
+    r = run(queued, rate=7.5, now=NOW + 60, state=p.state, config=config, market=market,
+            unassigned=40)
+    assert r.state.needed == 6

@@ -175,3 +175,23 @@ def test_a_tenant_over_its_token_rate_gets_resource_exhausted(stub):
     assert "tokens per minute" in err.value.details()
     # Other tenants are not limited by gamma's use.
     ask(stub, "still fine", ALPHA)
+
+
+def test_spotmesh_cost_reports_tenants_pools_and_savings_by_tier(cache_mesh):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "spotmesh.cli", "cost", "--json"],
+                         env=cache_mesh.env, capture_output=True, text=True, check=True)
+    report = json.loads(out.stdout)
+    assert {"alpha", "beta"} <= set(report["tenants"])
+    alpha = report["tenants"]["alpha"]
+    assert alpha["total_usd"] > 0 and alpha["cost_per_mtok_usd"] > 0
+    assert alpha["semantic_saved_usd"] > 0
+    pool = report["pools"]["on-demand"]  # the one replica of this mesh
+    assert pool["cost_usd"] > 0 and pool["tokens"]["completion"] > 0
+    assert report["saved_usd"]["semantic"] > 0
+    table = subprocess.run([sys.executable, "-m", "spotmesh.cli", "cost"], env=cache_mesh.env,
+                           capture_output=True, text=True, check=True).stdout
+    assert "alpha" in table and "saved by the semantic tier" in table

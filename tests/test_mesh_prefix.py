@@ -130,6 +130,10 @@ def test_routing_metrics_name_the_winning_scorer(pmesh):
     gw = pmesh.state.gateway()
     assert metric(gw.metrics, 'spotmesh_gateway_routing_decisions_total{scorer="prefix"}') >= 3
     assert metric(gw.metrics, "spotmesh_gateway_prefix_matched_tokens_total") >= 3 * 2 * BLOCK
+    # What the engines' cached prefixes saved, in dollars, and cost by pool.
+    assert metric(gw.metrics, 'spotmesh_saved_usd_total{tier="prefix"}') > 0
+    assert metric(gw.metrics, 'spotmesh_tokens_total{kind="cached_prompt"') >= 3 * 2 * BLOCK
+    assert metric(gw.metrics, "spotmesh_cost_usd_total") > 0
 
 
 def test_a_replica_that_vanishes_after_match_loses_no_request(stub, pmesh, tiny_model):

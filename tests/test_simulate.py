@@ -429,3 +429,26 @@ def test_real_shared_data_produces_the_report_shape(tmp_path) -> None:
     assert doc["inputs"]["arrivals"]["requests"] == 19366
     assert doc["inputs"]["on_demand_usd_per_hour"] == 3.06
     assert doc["policies"]["static_on_demand"]["replica_hours"]["spot"] == 0.0
+
+
+def test_window_subset_runs_even_or_odd_windows_and_reports_both_halves(inputs, tmp_path) -> None:
+    base = ("--windows", "2", "--window-hours", "0.2", "--policy", "spotmesh",
+            "--policy", "static_on_demand", "--policy", "oracle")
+    every = run_json(inputs, tmp_path / "all.json", *base)
+    even = run_json(inputs, tmp_path / "even.json", *base, "--window-subset", "even")
+    odd = run_json(inputs, tmp_path / "odd.json", *base, "--window-subset", "odd")
+    assert even["parameters"]["window_indices"] == [0]
+    assert odd["parameters"]["window_indices"] == [1]
+    assert every["parameters"]["window_indices"] == [0, 1]
+    for name in ("spotmesh", "static_on_demand", "oracle"):
+        costs = every["policies"][name]["per_window_cost_usd"]
+        assert even["policies"][name]["per_window_cost_usd"] == costs[:1]
+        assert odd["policies"][name]["per_window_cost_usd"] == costs[1:]
+    parity = every["by_window_parity"]
+    assert parity["even"]["role"] == "tuning" and parity["odd"]["role"] == "hold-out"
+    assert parity["odd"]["windows"] == [1]
+    assert parity["odd"]["policies"]["spotmesh"]["cost_usd"] == pytest.approx(
+        odd["policies"]["spotmesh"]["cost_usd"], abs=1e-3)
+    assert "cost_vs_oracle" in parity["even"]["policies"]["spotmesh"]
+    with pytest.raises(SystemExit):
+        simulate.main(argv(inputs, tmp_path / "x.json", "--window-subset", "third"))

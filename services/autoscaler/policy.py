@@ -25,12 +25,17 @@ How a plan is made:
    `target * (1 - hysteresis)`, to the highest such count recommended over the stabilisation
    window, at most `max_scale_in_fraction` of the fleet per step, and not within
    `down_cooldown_seconds` of the last change.
-4. Split the fleet between pools. An on-demand floor is always kept (availability); the rest
-   goes to spot while spot is cheaper, over-provisioned by the observed preemption rate. Spot
-   that cannot deliver (pending past `pending_grace_seconds`, the market saying it is gone, or
-   a reclaim within `reclaim_backoff_seconds`) stops counting and on-demand covers the gap; the
-   spot requests stay open, so when spot capacity returns and those replicas become ready the
-   on-demand replicas are handed back. Pending replicas never cause ready ones to be removed.
+4. Split the fleet between pools. An on-demand floor is kept while spot is unproven
+   (availability): from start, while spot cannot deliver, and for `floor_release_seconds` after
+   the last reclaim or stuck spot launch; after that long of reliable spot the floor, too, goes
+   to spot. The rest goes to spot while spot is cheaper, over-provisioned by the observed
+   preemption rate. Spot that cannot deliver (pending past `pending_grace_seconds`, the market
+   saying it is gone, or a reclaim within `reclaim_backoff_seconds`) stops counting and
+   on-demand covers the gap, plus a reclaim reserve of at most one replica; the spot requests
+   stay open, so when spot capacity returns and those replicas become ready the on-demand
+   replicas are handed back. Pending replicas never cause ready ones to be removed. The
+   replacements a reclaim triggers are treated like a scale-out's starting replicas: the
+   backlog the lost replicas leave is not new demand, only a higher arrival rate adds more.
 5. Scale-in picks what costs least to lose: pending launches first, then idle replicas, then the
    least loaded, then those holding the fewest cached prefix blocks.
 """
@@ -75,8 +80,14 @@ class PolicyConfig:
     # big step down undershoots and the next burst finds the fleet short; small steps let the
     # queue settle at each size.
     max_scale_in_fraction: float = 0.25
-    # On-demand replicas kept whenever anything runs: spot can vanish all at once.
+    # On-demand replicas kept whenever anything runs while spot is unproven: spot can vanish
+    # all at once. The floor is released (drops to 0, everything on spot plus its reclaim
+    # over-provisioning) once spot has been reliable -- no reclaim notice, no unfilled spot
+    # request, no launch stuck pending -- for floor_release_seconds, counted from start (a
+    # policy that has not watched spot yet has no evidence it is reliable); the first sign of
+    # trouble brings it back. None keeps the floor always.
     on_demand_floor: int = 1
+    floor_release_seconds: float | None = 3600.0
     scale_to_zero: bool = False
     idle_before_zero_seconds: float = 300.0
     signal_staleness_seconds: float = 30.0
@@ -120,6 +131,9 @@ class PolicyConfig:
         if not 0.0 <= self.min_fresh_fraction <= 1.0:
             raise ValueError(f"config.min_fresh_fraction must be in [0, 1], got "
                              f"{self.min_fresh_fraction}")
+        if self.floor_release_seconds is not None and not self.floor_release_seconds >= 0:
+            raise ValueError(f"config.floor_release_seconds must be >= 0 or None, got "
+                             f"{self.floor_release_seconds}")
         if self.on_demand_floor < 0:
             raise ValueError(f"config.on_demand_floor must be >= 0, got {self.on_demand_floor}")
         if self.max_extra_spot < 0:
@@ -143,7 +157,8 @@ class PolicyState:
     arrival rate when it last scaled out (what further scale-outs compare against while those
     replicas start) and `last_load` the load it saw last; `recommendations` the
     (time, scale-in recommendation) pairs inside the stabilisation window; `pending_seen` when
-    each pending replica was first seen (used only where the actuator gives no `state_since`).
+    each pending replica was first seen (used only where the actuator gives no `state_since`);
+    `spot_trouble_at` the last time spot could not deliver (what releases the on-demand floor).
     """
 
     started_at: float | None = None
@@ -155,6 +170,9 @@ class PolicyState:
     recommendations: tuple[tuple[float, int], ...] = ()
     idle_since: float | None = None
     pending_seen: tuple[tuple[str, float], ...] = ()
+    spot_trouble_at: float | None = None
+    reclaim_seen_at: float | None = None
+    refill_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -282,6 +300,18 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
         # Without word from the market, a reclaim says spot capacity is short: replacements
         # are not waited for. Where the market says spot requests are being filled, they are.
         spot_trouble.append(f"spot reclaimed {now - market.last_preemption_at:.0f}s ago")
+    spot_trouble_at = now if stuck["spot"] else state.spot_trouble_at
+    if market.last_preemption_at is not None:
+        spot_trouble_at = max(spot_trouble_at or market.last_preemption_at,
+                              market.last_preemption_at)
+    od_floor = config.on_demand_floor
+    if config.floor_release_seconds is not None and od_floor:
+        reliable_since = max(started_at, spot_trouble_at or started_at)
+        if not spot_trouble and now - reliable_since >= config.floor_release_seconds:
+            od_floor = 0
+            reasons.append(f"spot reliable for {now - reliable_since:.0f}s (no reclaim, no "
+                           f"unfilled request): on-demand floor of {config.on_demand_floor} "
+                           f"released")
     credited_pending = {
         "spot": 0 if spot_trouble else len(fleet.pending["spot"]) - len(stuck["spot"]),
         "on-demand": len(fleet.pending["on-demand"]) - len(stuck["on-demand"]),
@@ -309,7 +339,7 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     idle_since = (state.idle_since if state.idle_since is not None else now) if idle else None
     zero_ok = (config.scale_to_zero and idle and idle_since is not None
                and now - idle_since >= config.idle_before_zero_seconds)
-    min_total = 0 if zero_ok else max(1, config.on_demand_floor)
+    min_total = 0 if zero_ok else max(1, od_floor)
     if config.scale_to_zero and not zero_ok:
         if idle and idle_since is not None:
             reasons.append(f"idle for {now - idle_since:.0f}s of "
@@ -326,10 +356,18 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     needed = prev
     per = load / prev if prev else float(load)
     rate_at_up = state.rate_at_scale_out
+    refill_at = state.refill_at
+    reclaim = market.last_preemption_at
+    if reclaim is not None and reclaim != state.reclaim_seen_at and prev:
+        # A reclaim: its replacements start like a scale-out's replicas, and the backlog the
+        # lost replicas leave (their requests resume elsewhere) is not new demand either.
+        refill_at, rate_at_up = now, signals.arrival_rate_rps
+    starting_since = max((t for t in (last_up, refill_at) if t is not None), default=None)
     coming = credited_pending["spot"] + credited_pending["on-demand"]
     draining_backlog = state.last_load is not None and load < state.last_load
-    if (need_up > prev and (coming or draining_backlog) and rate_at_up and last_up is not None
-            and now - last_up < config.pending_grace_seconds):
+    if (need_up > prev and (coming or draining_backlog) and rate_at_up
+            and starting_since is not None
+            and now - starting_since < config.pending_grace_seconds):
         # Replicas from the last scale-out are still starting (or have just started and the
         # queue is shrinking): the backlog that built up meanwhile is not new demand. Only a
         # higher arrival rate justifies more.
@@ -382,7 +420,7 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     spot_cheaper = prices.spot_usd_per_hour < prices.on_demand_usd_per_hour
     spot_room = max(0, pools.spot.max_replicas - fleet.unknown["spot"])
     od_room = max(0, pools.on_demand.max_replicas - fleet.unknown["on-demand"])
-    floor = min(config.on_demand_floor, needed, od_room)
+    floor = min(od_floor, needed, od_room)
     extra = 0
     if spot_cheaper and spot_room > 0:
         base_spot = needed - floor
@@ -407,8 +445,11 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     credit_all = min(spot_ready + credited_pending["spot"] + spot_asks, spot_healthy)
     credit_ready = min(spot_ready, spot_healthy)
     # The reclaim reserve rides on spot while spot delivers; when it does not, the reserve is
-    # held on demand: that is when a reclaim would leave the fleet short for a cold start.
-    reserve = extra if spot_trouble else 0
+    # held on demand: that is when a reclaim would leave the fleet short for a cold start. On
+    # demand it costs 2-3x as much and is held for as long as spot stays scarce, so one
+    # replica of it: it absorbs a single reclaim, and larger losses are what the on-demand
+    # fallback replaces.
+    reserve = min(extra, 1) if spot_trouble else 0
     if reserve:
         reasons.append(f"reclaim reserve of {reserve} held on demand while spot cannot deliver")
     od_launch = max(floor, needed + reserve - credit_all) if needed else 0
@@ -459,6 +500,7 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
         state, started_at=started_at, needed=needed, last_scale_up_at=last_up,
         rate_at_scale_out=rate_at_up, last_load=load,
         last_scale_down_at=last_down, recommendations=recommendations, idle_since=idle_since,
-        pending_seen=pending_seen)
+        pending_seen=pending_seen, spot_trouble_at=spot_trouble_at, reclaim_seen_at=reclaim,
+        refill_at=refill_at)
     return PoolPlan(spot=targets["spot"], on_demand=targets["on-demand"], remove=remove,
                     reasons=reasons, state=next_state)

@@ -83,6 +83,7 @@ from services.autoscaler.signals import (
 )
 
 POLICY_NAMES = ("static_on_demand", "keda_threshold", "skyserve_fallback", "spotmesh", "oracle")
+WINDOW_SUBSETS = ("all", "even", "odd")
 DEFAULT_PROFILE = Path(__file__).with_name("profile_v100_7b.json")
 # Means of the Azure 2023 conversation trace (ContextTokens, GeneratedTokens): the request
 # size given to per-minute counts traces, which carry no sizes.
@@ -1250,11 +1251,22 @@ class Scenario:
     on_demand_floor: int
     static_replicas: int
     skyserve_delays: tuple[float, float] = (300.0, 1200.0)
+    # Which of the `windows` windows run: "all", or "even" / "odd" indices (0-based), so a
+    # policy can be tuned on one half of the windows and judged on the other.
+    window_subset: str = "all"
+
+    def indices(self) -> list[int]:
+        """The indices (of `windows`) of the windows this run simulates."""
+        if self.window_subset not in WINDOW_SUBSETS:
+            raise SystemExit(f"--window-subset must be one of {WINDOW_SUBSETS}, got "
+                             f"{self.window_subset!r}")
+        return [i for i in range(self.windows) if self.window_subset == "all"
+                or i % 2 == (0 if self.window_subset == "even" else 1)]
 
     def offsets(self) -> list[tuple[float, float]]:
-        """(arrivals offset, availability offset) in trace seconds for each window."""
+        """(arrivals offset, availability offset) in trace seconds for each window run."""
         return [(i * self.arrivals.span / self.windows, i * self.availability.span / self.windows)
-                for i in range(self.windows)]
+                for i in self.indices()]
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -1319,7 +1331,7 @@ def run_scenario(sc: Scenario, policies: Sequence[str],
                 raise SystemExit(f"unknown policy {p_name!r} (choose from {POLICY_NAMES})")
 
             def progress(pct: str, w: int = w, p_name: str = p_name) -> None:
-                log(f"[{p_name}] window {w + 1}/{sc.windows}: {pct} "
+                log(f"[{p_name}] window {sc.indices()[w] + 1}/{sc.windows}: {pct} "
                     f"({time.monotonic() - started:.0f}s elapsed)")
 
             sim = Simulation(policy, [a for a in window_arrivals[w] if a.t < duration],
@@ -1348,7 +1360,7 @@ def _report(sc: Scenario, results: dict[str, list[WindowResult]], static: int,
         ttft = [x for r in windows for x in r.ttft]
         waits = [x for r in windows for x in r.queue_wait]
         total_tokens = tokens_prompt + tokens_output
-        hours = sc.windows * sc.window_hours
+        hours = len(windows) * sc.window_hours
         spot_h = sum(r.replica_seconds["spot"] for r in windows) / 3600.0
         od_h = sum(r.replica_seconds["on-demand"] for r in windows) / 3600.0
         policies[name] = {
@@ -1392,7 +1404,7 @@ def _report(sc: Scenario, results: dict[str, list[WindowResult]], static: int,
                         and s.get("cost_vs_oracle", 9) <= 1.2),
         }
     offsets = sc.offsets()
-    return {
+    doc = {
         "benchmark": "simulate",
         "inputs": {
             "arrivals": {"path": sc.arrivals.path, "kind": sc.arrivals.kind,
@@ -1414,7 +1426,8 @@ def _report(sc: Scenario, results: dict[str, list[WindowResult]], static: int,
             "profile": sc.profile.as_dict(),
         },
         "parameters": {
-            "windows": sc.windows, "window_hours": sc.window_hours,
+            "windows": sc.windows, "window_subset": sc.window_subset,
+            "window_indices": sc.indices(), "window_hours": sc.window_hours,
             "warmup_minutes": sc.warmup_minutes, "time_scale": sc.time_scale,
             "interval_s": sc.interval, "preemption_notice_s": sc.notice,
             "slo_ttft_s": sc.slo_ttft, "target_load_per_replica": sc.target_load,
@@ -1425,15 +1438,43 @@ def _report(sc: Scenario, results: dict[str, list[WindowResult]], static: int,
             "window_offsets": [{"arrivals_s": round(a, 1), "availability_s": round(v, 1),
                                 "availability_day": round(v / 86400, 2)} for a, v in offsets],
         },
-        "alignment": (f"{sc.windows} windows of {sc.window_hours:g} h (+{sc.warmup_minutes:g} min "
-                      f"unmeasured warm-up), spread evenly over the availability trace; the "
+        "alignment": (f"{len(offsets)} of {sc.windows} windows of {sc.window_hours:g} h "
+                      f"(+{sc.warmup_minutes:g} min unmeasured warm-up), spread evenly over "
+                      f"the availability trace; the "
                       f"arrivals trace is looped from the same fractional offset; availability "
                       f"advances {sc.time_scale:g} trace s per simulated s"),
         "policies": policies,
         "goal": goal,
+        "by_window_parity": _by_parity(sc, results),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
     }
+    return doc
+
+
+def _by_parity(sc: Scenario, results: dict[str, list[WindowResult]]) -> dict:
+    """Cost and SLO attainment over the even-indexed windows (where spotmesh's policy was
+    tuned) and the odd-indexed ones (held out), from the same per-window results."""
+    idx = sc.indices()
+    out: dict[str, dict] = {}
+    for parity, rem in (("even", 0), ("odd", 1)):
+        rows = [k for k, i in enumerate(idx) if i % 2 == rem]
+        if not rows:
+            continue
+        part: dict[str, dict] = {}
+        for name, windows in results.items():
+            cost = sum(windows[k].cost_usd for k in rows)
+            arrived = sum(windows[k].arrived for k in rows)
+            part[name] = {"cost_usd": round(cost, 4), "slo_attainment": round(
+                sum(windows[k].slo_met for k in rows) / max(1, arrived), 5)}
+        for p in part.values():
+            for base, key in (("static_on_demand", "cost_vs_static"),
+                              ("oracle", "cost_vs_oracle")):
+                if base in part and part[base]["cost_usd"]:
+                    p[key] = round(p["cost_usd"] / part[base]["cost_usd"], 4)
+        out[parity] = {"role": "tuning" if parity == "even" else "hold-out",
+                       "windows": [idx[k] for k in rows], "policies": part}
+    return out
 
 
 def _round(x: float | None, nd: int = 3) -> float | None:
@@ -1452,6 +1493,13 @@ def format_table(report: dict) -> str:
             f"{p['replica_hours']['spot']:>8.2f} {p['replica_hours']['on_demand']:>8.2f} "
             f"{p.get('cost_vs_static', float('nan')):>9.3f} "
             f"{p.get('cost_vs_oracle', float('nan')):>9.3f} {p['ttft_s']['p99'] or 0:>7.2f}s")
+    for parity, part in report.get("by_window_parity", {}).items():
+        s = part["policies"].get("spotmesh")
+        if s and len(report.get("by_window_parity", {})) > 1:
+            lines.append(f"spotmesh on {parity} windows ({part['role']}): "
+                         f"{s.get('cost_vs_static', float('nan')):.3f}x static, "
+                         f"{s.get('cost_vs_oracle', float('nan')):.3f}x oracle, "
+                         f"SLO {s['slo_attainment'] * 100:.2f}%")
     goal = report.get("goal")
     if goal:
         lines.append(f"goal ({goal['target']}): {'MET' if goal['met'] else 'NOT MET'} "
@@ -1554,6 +1602,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=16,
                    help="windows spread evenly over the availability trace")
     p.add_argument("--window-hours", type=float, default=3.0)
+    p.add_argument("--window-subset", default="all", choices=WINDOW_SUBSETS,
+                   help="run all windows, or only the even- or odd-indexed ones (tune a policy "
+                        "on one half, judge it on the other)")
     p.add_argument("--warmup-minutes", type=float, default=30.0,
                    help="simulated before each window, neither billed nor measured")
     p.add_argument("--profile", default=str(DEFAULT_PROFILE),
@@ -1632,7 +1683,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         time_scale=args.time_scale, interval=args.interval_seconds,
         notice=args.preemption_notice_seconds, slo_ttft=args.slo_ttft_seconds,
         target_load=args.target_load_per_replica, on_demand_floor=args.on_demand_floor,
-        static_replicas=args.static_replicas,
+        static_replicas=args.static_replicas, window_subset=args.window_subset,
         skyserve_delays=(args.skyserve_upscale_delay_seconds,
                          args.skyserve_downscale_delay_seconds))
 

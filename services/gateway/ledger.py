@@ -2,6 +2,14 @@
 
 A replica reports each request's share of its time (``replica_seconds``: every second split
 evenly among the requests running in it); the gateway prices it at the replica's pool rate.
+
+Two views of the same money: per tenant (``spotmesh_gateway_*``, for chargeback) and per pool
+(``spotmesh_cost_usd_total{pool}``, ``spotmesh_tokens_total{pool,kind}``, so cost per 1M tokens
+by pool is one PromQL division). ``spotmesh_saved_usd_total{tier}`` is what each cache tier
+saved: ``semantic`` books a hit's original cost (the gateway's semantic-cache client);
+``prefix`` values each prompt token the engine found cached at the request's own cost per
+token it did compute (an estimate: prefill is cheaper per token than decode, so this
+over-values long cached prompts a little).
 """
 
 from __future__ import annotations
@@ -18,6 +26,12 @@ REPLICA_SECONDS = Counter(
 TOKENS = Counter(
     "spotmesh_gateway_tokens_total", "Tokens served, by kind.", ["tenant", "kind"]
 )
+POOL_COST = Counter("spotmesh_cost_usd_total", "Dollars of replica time spent, by pool.",
+                    ["pool"])
+POOL_TOKENS = Counter("spotmesh_tokens_total", "Tokens served, by pool and kind.",
+                      ["pool", "kind"])
+SAVED = Counter("spotmesh_saved_usd_total", "Dollars not spent thanks to each cache tier.",
+                ["tier"])
 
 
 class CostLedger:
@@ -41,4 +55,57 @@ class CostLedger:
         TOKENS.labels(tenant, "prompt").inc(prompt_tokens)
         TOKENS.labels(tenant, "cached_prompt").inc(cached_prompt_tokens)
         TOKENS.labels(tenant, "completion").inc(completion_tokens)
+        POOL_COST.labels(pool).inc(cost)
+        POOL_TOKENS.labels(pool, "prompt").inc(prompt_tokens)
+        POOL_TOKENS.labels(pool, "cached_prompt").inc(cached_prompt_tokens)
+        POOL_TOKENS.labels(pool, "completion").inc(completion_tokens)
+        computed = prompt_tokens - cached_prompt_tokens + completion_tokens
+        if cached_prompt_tokens > 0 and computed > 0:
+            SAVED.labels("prefix").inc(cost * cached_prompt_tokens / computed)
         return cost
+
+
+def book_semantic_saving(cost_usd: float) -> None:
+    SAVED.labels("semantic").inc(cost_usd)
+
+
+def report_from_metrics(text: str) -> dict:
+    """Per-tenant and per-pool cost, tokens and savings from a gateway's /metrics text (what
+    ``spotmesh cost`` prints)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    tenants: dict[str, dict] = {}
+    pools: dict[str, dict] = {}
+    saved: dict[str, float] = {}
+
+    def tenant(name: str) -> dict:
+        return tenants.setdefault(name, {"cost_usd": {}, "tokens": {}, "semantic_saved_usd": 0.0})
+
+    def pool(name: str) -> dict:
+        return pools.setdefault(name, {"cost_usd": 0.0, "tokens": {}})
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "spotmesh_gateway_cost_usd_total":
+                t = tenant(labels["tenant"])["cost_usd"]
+                t[labels["pool"]] = t.get(labels["pool"], 0.0) + value
+            elif name == "spotmesh_gateway_tokens_total":
+                tenant(labels["tenant"])["tokens"][labels["kind"]] = int(value)
+            elif name == "spotmesh_semantic_cache_saved_usd_total":
+                tenant(labels["tenant"])["semantic_saved_usd"] = value
+            elif name == "spotmesh_cost_usd_total":
+                pool(labels["pool"])["cost_usd"] = value
+            elif name == "spotmesh_tokens_total":
+                pool(labels["pool"])["tokens"][labels["kind"]] = int(value)
+            elif name == "spotmesh_saved_usd_total":
+                saved[labels["tier"]] = value
+    for p in pools.values():
+        served = p["tokens"].get("prompt", 0) + p["tokens"].get("completion", 0)
+        p["cost_per_mtok_usd"] = 1e6 * p["cost_usd"] / served if served else None
+    for t in tenants.values():
+        served = t["tokens"].get("prompt", 0) + t["tokens"].get("completion", 0)
+        total = sum(t["cost_usd"].values())
+        t["total_usd"] = total
+        t["cost_per_mtok_usd"] = 1e6 * total / served if served else None
+    return {"tenants": tenants, "pools": pools, "saved_usd": saved}

@@ -17,6 +17,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.gateway.auth import Tenant
+from services.gateway.ledger import book_semantic_saving
 from services.gateway.validation import ValidRequest
 from spotmesh.metrics import TTFT_BUCKETS
 from spotmesh.runtime import fields, grpc_options
@@ -194,6 +195,7 @@ class SemanticCacheClient:
     def book_hit(self, tenant: Tenant, answer: cache_pb2.CachedAnswer) -> None:
         CACHE_REQUESTS.labels(tenant.name, "hit").inc()
         SAVED_USD.labels(tenant.name).inc(answer.cost_usd)
+        book_semantic_saving(answer.cost_usd)
         SAVED_TOKENS.labels(tenant.name).inc(len(answer.token_ids))
         SAVED_SECONDS.labels(tenant.name).inc(answer.replica_seconds)
 
