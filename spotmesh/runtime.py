@@ -49,6 +49,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _CancelRaceFilter(logging.Filter):
+    """Drops grpc.aio's error log of a write that raced the client's cancel (grpc/grpc#32551):
+    the call ends CANCELLED as it should; the traceback is noise that hides real errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("ExecuteBatchError raised in core")
+
+
 def setup_logging(level: str = "INFO", fmt: str = "json", service: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -57,6 +65,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json", service: str = "") -> 
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
         )
+    handler.addFilter(_CancelRaceFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -230,3 +230,6 @@ class PrefixStore:
 
     def replicas(self) -> list[str]:
         return list(self._replica_models)
+
+    def tracks(self, replica: str) -> bool:
+        return replica in self._replica_models

@@ -100,7 +100,10 @@ class PrefixCacheServicer(cache_pb2_grpc.PrefixCacheServicer):
             await _abort(context, exc)
         evicted = self.store.evict(request.replica, request.model, request.block_hashes)
         EVICTED_BLOCKS.labels("engine").inc(evicted)
-        INDEX_BLOCKS.labels(request.replica).set(self.store.blocks(request.replica))
+        # Evicting from a replica the index does not track is not an error, but it must not
+        # create a series: any name a caller invents would stay in /metrics for good.
+        if self.store.tracks(request.replica):
+            INDEX_BLOCKS.labels(request.replica).set(self.store.blocks(request.replica))
         return cache_pb2.EvictResponse(evicted_blocks=evicted)
 
     async def Hot(self, request: cache_pb2.HotRequest, context) -> cache_pb2.HotResponse:

@@ -57,6 +57,7 @@ class EngineInfo:
     kv_block_size: int
     kv_capacity_blocks: int
     quantization: str = ""  # as the engine names it; "" for unquantized weights
+    vocab_size: int = 0  # token ids are in [0, vocab_size); 0: the engine checks them itself
 
 
 class EngineError(RuntimeError):

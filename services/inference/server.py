@@ -116,6 +116,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt_token_ids must not be empty")
+        vocab = self.info.vocab_size
+        if vocab > 0:
+            # Checked here, not left to the engine: an engine that does not check would use an
+            # out-of-range id as an embedding index.
+            for i, t in enumerate(prompt):
+                if not 0 <= t < vocab:
+                    raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"prompt_token_ids[{i}] is {t}; token ids are in [0, {vocab})")
         max_new = self.info.max_model_len - len(prompt)
         if max_new < 1:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,

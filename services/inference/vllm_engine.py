@@ -140,6 +140,7 @@ class VLLMEngine(Engine):
             kv_block_size=vc.cache_config.block_size,
             kv_capacity_blocks=int(vc.cache_config.num_gpu_blocks or 0),
             quantization=str(vc.model_config.quantization or ""),
+            vocab_size=int(vc.model_config.get_vocab_size()),
         )
 
     async def generate(
