@@ -484,3 +484,46 @@ def test_reclaim_replacement_is_sized_by_arrival_rate_not_the_backlog_it_leaves(
     r = run(queued, rate=7.5, now=NOW + 60, state=p.state, config=config, market=market,
             unassigned=40)
     assert r.state.needed == 6
+
+
+def test_reclaim_reserve_is_not_held_while_the_fleet_has_a_replica_of_slack() -> None:
+    # Same scarce, reclaiming spot as above, but the load (60) fits the fleet less one replica
+    # (4 x 16): a single reclaim leaves enough capacity, so no on-demand reserve is bought.
+    replicas = [ready(f"s{i}", load=12) for i in range(4)] + [
+        ready("od1", "on-demand", load=12)]
+    market = SpotMarket(available=False, preemption_rate_per_replica_hour=2.0,
+                        last_preemption_at=NOW - 60)
+    state = PolicyState(started_at=0.0, needed=5, last_scale_down_at=NOW - 10)
+    p = run(replicas, state=state, market=market)
+    assert p.state.needed == 5
+    assert p.spot == 4 + 2  # spot still asked for and over-provisioned
+    assert p.on_demand == 1  # the floor only
+    assert not any("reclaim reserve" in r for r in p.reasons)
+    # With no slack (load 80 over 5 replicas) the reserve is held as before.
+    busy = [ready(f"s{i}", load=16) for i in range(4)] + [ready("od1", "on-demand", load=16)]
+    q = run(busy, state=state, market=market)
+    assert q.on_demand == 1 + 1
+    assert any("reclaim reserve of 1" in r for r in q.reasons)
+
+
+def test_scale_out_while_spot_is_maxed_out_is_sized_by_arrival_rate_not_backlog() -> None:
+    # Every obtainable spot replica is held (the market says spot requests go unfilled): what
+    # the scale-out adds goes to on-demand, so the queue that built up since the last
+    # scale-out (at the same arrival rate) must not size it.
+    replicas = [ready(f"s{i}", load=16) for i in range(3)] + [
+        ready("od1", "on-demand", load=16)]
+    state = PolicyState(started_at=0.0, needed=4, last_scale_up_at=NOW - 100,
+                        rate_at_scale_out=5.0, last_load=60)
+    maxed = SpotMarket(available=False)
+    p = run(replicas, rate=5.0, state=state, market=maxed, unassigned=40)
+    assert p.state.needed == 4  # load 104 alone would need 7
+    assert p.on_demand == 1
+    assert any("spot maxed out" in r and "not the backlog" in r for r in p.reasons)
+    # A higher arrival rate still scales out, in proportion: 4 x 7.5 / 5 = 6.
+    q = run(replicas, rate=7.5, state=state, market=maxed, unassigned=40)
+    assert q.state.needed == 6
+    assert q.on_demand == 1 + 2
+    # Where spot can still be had, the backlog sizes the scale-out as before (spot is cheap
+    # and a queue that grew needs draining).
+    r = run(replicas, rate=5.0, state=state, market=SpotMarket(), unassigned=40)
+    assert r.state.needed == 7

@@ -31,11 +31,15 @@ How a plan is made:
    to spot. The rest goes to spot while spot is cheaper, over-provisioned by the observed
    preemption rate. Spot that cannot deliver (pending past `pending_grace_seconds`, the market
    saying it is gone, or a reclaim within `reclaim_backoff_seconds`) stops counting and
-   on-demand covers the gap, plus a reclaim reserve of at most one replica; the spot requests
+   on-demand covers the gap, plus a reclaim reserve of at most one replica (only while the
+   fleet has no replica of slack of its own); the spot requests
    stay open, so when spot capacity returns and those replicas become ready the on-demand
    replicas are handed back. Pending replicas never cause ready ones to be removed. The
    replacements a reclaim triggers are treated like a scale-out's starting replicas: the
    backlog the lost replicas leave is not new demand, only a higher arrival rate adds more.
+   Likewise while spot is maxed out (spot requests unfilled): a scale-out would land on
+   on-demand, so within a cold start of the last scale-out it follows the arrival rate, not
+   the backlog.
 5. Scale-in picks what costs least to lose: pending launches first, then idle replicas, then the
    least loaded, then those holding the fewest cached prefix blocks.
 """
@@ -72,7 +76,9 @@ class PolicyConfig:
     # A replica with no requests but a GPU busier than this is not idle (the queue signal lags
     # or it is prefilling); -1 (unknown) does not block idleness.
     gpu_idle: float = 0.1
-    up_cooldown_seconds: float = 30.0
+    # Between scale-outs: a cold start takes minutes, so a second scale-out within a minute
+    # mostly sees the backlog the first is about to clear.
+    up_cooldown_seconds: float = 60.0
     down_cooldown_seconds: float = 120.0
     down_stabilization_seconds: float = 180.0
     # At most this share of the fleet (and at least one replica) goes per scale-in. Queue depth
@@ -87,7 +93,7 @@ class PolicyConfig:
     # policy that has not watched spot yet has no evidence it is reliable); the first sign of
     # trouble brings it back. None keeps the floor always.
     on_demand_floor: int = 1
-    floor_release_seconds: float | None = 3600.0
+    floor_release_seconds: float | None = 2700.0
     scale_to_zero: bool = False
     idle_before_zero_seconds: float = 300.0
     signal_staleness_seconds: float = 30.0
@@ -365,7 +371,10 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     starting_since = max((t for t in (last_up, refill_at) if t is not None), default=None)
     coming = credited_pending["spot"] + credited_pending["on-demand"]
     draining_backlog = state.last_load is not None and load < state.last_load
-    if (need_up > prev and (coming or draining_backlog) and rate_at_up
+    # Spot requests left unfilled: every spot replica obtainable is held, so what the queue
+    # adds beyond the arrival rate lands on on-demand at 2-3x the price.
+    spot_maxed = market.available is False
+    if (need_up > prev and (coming or draining_backlog or spot_maxed) and rate_at_up
             and starting_since is not None
             and now - starting_since < config.pending_grace_seconds):
         # Replicas from the last scale-out are still starting (or have just started and the
@@ -374,7 +383,8 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
         by_rate = max(prev, math.ceil(prev * signals.arrival_rate_rps / rate_at_up - 1e-9))
         if by_rate < need_up:
             why = (f"{coming} replica(s) still starting" if coming else
-                   f"backlog draining ({state.last_load} -> {load})")
+                   f"backlog draining ({state.last_load} -> {load})" if draining_backlog else
+                   "spot maxed out (requests unfilled), on-demand would cover")
             reasons.append(f"{why}: scaling for the arrival rate "
                            f"({signals.arrival_rate_rps:.2f}/s vs {rate_at_up:.2f}/s at the last "
                            f"scale-out), not the backlog (load {load} would need {need_up})")
@@ -449,7 +459,10 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     # demand it costs 2-3x as much and is held for as long as spot stays scarce, so one
     # replica of it: it absorbs a single reclaim, and larger losses are what the on-demand
     # fallback replaces.
-    reserve = min(extra, 1) if spot_trouble else 0
+    # Only while the fleet has no slack of its own: when the load would still fit the fleet
+    # less one replica at the target, a single reclaim costs no capacity that matters.
+    slack = needed > 0 and load <= (needed - 1) * target
+    reserve = min(extra, 1) if spot_trouble and not slack else 0
     if reserve:
         reasons.append(f"reclaim reserve of {reserve} held on demand while spot cannot deliver")
     od_launch = max(floor, needed + reserve - credit_all) if needed else 0
