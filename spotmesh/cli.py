@@ -435,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="queued requests that cancel a full prefix match")
     bp.add_argument("--json", default="")
     bp.set_defaults(fn=cmd_bench_prefix_sim)
+    from spotmesh.bench import load
+
+    ld = bench.add_parser("load", help="many concurrent streams, or a real arrival trace, "
+                                       "through one gateway")
+    load.add_arguments(ld)
+    ld.set_defaults(fn=load.main)
     bl = bench.add_parser("prefix", help="prefix-aware vs round-robin routing through live "
                                          "meshes (vLLM's own prefix-cache counters, TTFT)")
     bl.add_argument("--replicas", type=int, default=2)
