@@ -1226,3 +1226,25 @@ def test_deploy_tools_are_pinned_alike() -> None:
             assert importlib.metadata.version(package) == version
         except importlib.metadata.PackageNotFoundError:
             pass  # not installed here; the rendering tests skip, saying so
+
+
+def test_the_dashboard_fits_grafanas_dashboard_schema():
+    """Decoded with the models Grafana generates from its own dashboard schema (the
+    grafana-foundation-sdk, schema v10.1): every field of the dashboard and of each panel is
+    one the schema knows, so none is lost on the way in. (A running Grafana is not available
+    here; this is the schema check, not a load into Grafana.)"""
+    models = pytest.importorskip("grafana_foundation_sdk.models.dashboard")
+    doc = json.loads((REPO / "deploy" / "grafana" / "spotmesh.json").read_text())
+    dashboard = models.Dashboard.from_json(doc)
+    assert set(doc) <= set(dashboard.to_json())
+
+    def check(panels: list) -> int:
+        seen = 0
+        for panel in panels:
+            cls = models.RowPanel if panel.get("type") == "row" else models.Panel
+            kept = cls.from_json(panel).to_json()
+            assert set(panel) <= set(kept), (panel.get("title"), set(panel) - set(kept))
+            seen += 1 + (check(panel.get("panels", [])) if panel.get("type") == "row" else 0)
+        return seen
+
+    assert check(doc["panels"]) >= 10
