@@ -197,6 +197,11 @@ class LocalMesh:
         # per step fewer); vLLM only allows that with V1 multiprocessing off.
         env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         env["PYTHONUNBUFFERED"] = "1"
+        # The cache tier's tokens reach every process through the environment: kept out of
+        # `ps`, and safe for values that begin with "-" (which a flag parser would misread).
+        service, admin = self._cache_tokens()
+        env["SPOTMESH_CACHE_TOKEN"] = service
+        env["SPOTMESH_CACHE_ADMIN_TOKEN"] = admin
         return env
 
     def _spawn(self, role: str, name: str, args: list[str], pool: str = "") -> Child:
@@ -274,8 +279,7 @@ class LocalMesh:
             # The replicas relay KV events to the index from their first request on: they need
             # its address before they start.
             self._wait_ready([cache], timeout)
-            replica_extra = ["--prefix-cache", cache.info.address,
-                             "--prefix-token", self._cache_tokens()[0]]
+            replica_extra = ["--prefix-cache", cache.info.address]
         replicas = []
         for i in range(0 if self.autoscale else self.n_replicas):
             pool = "spot" if i >= self.n_replicas - self.spot_replicas else "on-demand"
@@ -297,7 +301,7 @@ class LocalMesh:
         gw_args = ["--port", str(self.port), "--api-keys", str(keys),
                    "--model", f"{self.served_model_name}={self.model}",
                    "--replicas-file", str(replicas_file),
-                   "--cache-token", self._cache_tokens()[0], "--routing", self.routing,
+                   "--routing", self.routing,
                    "--prefix-cache", cache.info.address, "--prefix-mode", self.prefix_mode]
         if self.semantic_cache:
             embedder = support[0]
@@ -320,7 +324,7 @@ class LocalMesh:
         cache = next(c for c in self.children if c.info.role == "cache")
         args = ["--port", "0", "--platform", "local", "--state-dir", str(self.dir),
                 "--gateway-metrics", gateway.info.metrics,
-                "--prefix-cache", cache.info.address, "--prefix-token", self._cache_tokens()[0],
+                "--prefix-cache", cache.info.address,
                 "--model-name", self.served_model_name,
                 *(f"--inference-arg={a}" for a in replica_args), *self.autoscale_args]
         autoscaler = self._spawn("autoscaler", "autoscaler", args)
@@ -364,10 +368,8 @@ class LocalMesh:
 
     def _spawn_cache_tier(self) -> list[Child]:
         """[embedder, cache] with the semantic cache, [cache] (the prefix index) without."""
-        service, admin = self._cache_tokens()
         if not self.semantic_cache:
-            tier = [self._spawn("cache", "cache", ["--port", "0", "--no-semantic",
-                                                   "--token", service, "--admin-token", admin])]
+            tier = [self._spawn("cache", "cache", ["--port", "0", "--no-semantic"])]
             self.children.extend(tier)
             return tier
         embedder = self._spawn("embedder", "embedder", ["--port", "0"])
@@ -376,7 +378,7 @@ class LocalMesh:
         cache = self._spawn("cache", "cache", [
             "--port", "0",
             "--milvus-uri", self.cache_milvus_uri or str(self.dir / "cache" / "milvus.db"),
-            "--token", service, "--admin-token", admin, *self.cache_args])
+            *self.cache_args])
         tier = [embedder, cache]
         self.children.extend(tier)
         return tier

@@ -32,16 +32,33 @@ def gateway(tiny_model):
         yield t
 
 
-def target_flags(t: load.Target) -> list[str]:
+PROMPTS = [
+    "You are a patient tutor who explains cloud computing to beginners, one idea at a time.",
+    "Act as a travel guide for a city you know well, with practical tips for a first visit.",
+    "You are a careful code reviewer: point out bugs, risky patterns and missing tests.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    """The benchmark's prompt file format (JSONL with "prompt"), so the test does not need
+    ../shared/data."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def target_flags(t: load.Target, prompts: str) -> list[str]:
     return ["--address", t.address, "--api-key", t.api_key, "--gateway-pid", str(t.gateway_pid),
-            "--gateway-metrics", t.metrics]
+            "--gateway-metrics", t.metrics, "--prompts", prompts]
 
 
-def test_concurrent_streams_all_succeed_and_report_gateway_cost_per_token(gateway, tmp_path):
+def test_concurrent_streams_all_succeed_and_report_gateway_cost_per_token(gateway, prompts,
+                                                                           tmp_path):
     out = tmp_path / "load.json"
     rc = load.main(parse("--concurrency", "20", "--requests-per-client", "2", "--max-tokens", "4",
                          "--baseline-concurrency", "5", "--channels", "2", "--json", str(out),
-                         *target_flags(gateway)))
+                         *target_flags(gateway, prompts)))
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "load" and doc["mode"] == "concurrency"
@@ -73,12 +90,13 @@ def write_trace(path: Path, n: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def test_trace_replay_reports_goodput_cost_savings_and_plots(gateway, tmp_path):
+def test_trace_replay_reports_goodput_cost_savings_and_plots(gateway, prompts, tmp_path):
     trace = tmp_path / "trace.csv"
     write_trace(trace, 20)
     out, png = tmp_path / "trace.json", tmp_path / "trace.png"
     rc = load.main(parse("--trace", str(trace), "--max-generated-tokens", "8",
-                         "--json", str(out), "--plot", str(png), *target_flags(gateway)))
+                         "--json", str(out), "--plot", str(png),
+                         *target_flags(gateway, prompts)))
     assert rc == 0
     doc = json.loads(out.read_text())
     assert doc["mode"] == "trace"
