@@ -429,7 +429,7 @@ def test_real_prometheus_reports_the_mesh_replicas(tmp_path, tiny_model):
         stop_traffic.set()
         traffic.join(150)
         # A replica that dies (a spot reclaim without notice) stops being capacity.
-        os.kill(replica.pid, signal.SIGKILL)
+        os.killpg(replica.pid, signal.SIGKILL)  # engine core included: no orphan
 
         def reported_unreachable():
             s = asyncio.run(by_address.read(None, time.time()))
