@@ -103,10 +103,9 @@ def cmd_status(a: argparse.Namespace) -> int:
 
 def cmd_cost(a: argparse.Namespace) -> int:
     """Per-tenant, per-pool cost from the running mesh's gateway."""
-    import urllib.request
-
     from services.gateway.ledger import report_from_metrics
     from spotmesh.mesh import MeshState, state_dir
+    from spotmesh.metrics import read_metrics
 
     address = a.metrics
     if not address:
@@ -117,8 +116,7 @@ def cmd_cost(a: argparse.Namespace) -> int:
             return 1
         address = gw.metrics
     try:
-        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as resp:
-            report = report_from_metrics(resp.read().decode())
+        report = report_from_metrics(read_metrics(address))
     except OSError as exc:
         _err(f"cannot read the gateway's metrics at {address}: {exc}")
         return 1
@@ -154,9 +152,9 @@ def cmd_cost(a: argparse.Namespace) -> int:
 def cmd_preempt(a: argparse.Namespace) -> int:
     """Reclaim a replica the way a cloud reclaims a spot instance: a notice (the replica drains),
     then termination when the notice runs out; optionally no spot capacity for a while."""
-    from services.autoscaler.local import kill_group, pid_alive
+    from services.autoscaler.local import kill_group
     from spotmesh.files import write_atomically
-    from spotmesh.mesh import state_dir, status
+    from spotmesh.mesh import pid_alive, state_dir, status
 
     directory = state_dir(a.state_dir)
     doc = status(directory)

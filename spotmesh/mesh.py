@@ -73,13 +73,20 @@ class MeshState:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negatives name process groups, not a process
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie (exited, not yet reaped by its parent) is not alive.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def health_of(address: str, timeout: float = 1.0) -> str:
@@ -451,15 +458,13 @@ class LocalMesh:
 
 def _gateway_sees_a_replica(gateway: Child) -> bool:
     """The gateway has polled a replica and may route to it (its replicas gauge)."""
-    import urllib.request
+    from spotmesh.metrics import metric_sum, read_metrics
 
     try:
-        with urllib.request.urlopen(f"http://{gateway.info.metrics}/metrics", timeout=2) as r:
-            text = r.read().decode()
+        samples = read_metrics(gateway.info.metrics, timeout=2)
     except OSError:
         return False
-    return any(line.startswith('spotmesh_gateway_replicas{state="available"}')
-               and float(line.rsplit(" ", 1)[1]) >= 1 for line in text.splitlines())
+    return metric_sum(samples, "spotmesh_gateway_replicas", state="available") >= 1
 
 
 def status(directory: Path) -> dict:

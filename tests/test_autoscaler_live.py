@@ -167,7 +167,7 @@ def test_serving_continues_with_the_autoscaler_down(amesh):
 def test_ctrl_c_stops_the_autoscalers_replicas_too(amesh):
     pids = [p["pid"] for p in _processes(amesh) if p["pid"]]
     assert amesh.stop() == 0
-    from services.autoscaler.local import pid_alive
+    from spotmesh.mesh import pid_alive
 
     assert not [pid for pid in pids if pid_alive(pid)]
 

@@ -11,7 +11,8 @@ import subprocess
 
 import pytest
 
-from services.autoscaler.local import LocalActuator, Managed, pid_alive
+from services.autoscaler.local import LocalActuator, Managed
+from spotmesh.mesh import pid_alive
 
 
 def run(coro):

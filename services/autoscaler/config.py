@@ -67,9 +67,8 @@ def parse(argv: list[str] | None = None) -> AutoscalerConfig:
                    help="the scrape label carrying the pod's spotmesh.dev/pool")
     d = PolicyConfig()
     for name in ("spot", "on-demand"):
-        flag = name
-        p.add_argument(f"--{flag}-min", type=int, default=0)
-        p.add_argument(f"--{flag}-max", type=int, default=8 if name == "spot" else 4)
+        p.add_argument(f"--{name}-min", type=int, default=0)
+        p.add_argument(f"--{name}-max", type=int, default=8 if name == "spot" else 4)
     p.add_argument("--spot-usd-per-hour", type=float, default=0.402)
     p.add_argument("--on-demand-usd-per-hour", type=float, default=1.006)
     p.add_argument("--target-load", type=float, default=d.target_load_per_replica,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from services.autoscaler.actuator import Actuator, Instance, Observation
 from spotmesh.files import write_atomically
+from spotmesh.mesh import pid_alive
 from spotmesh.runtime import fields
 
 log = logging.getLogger("spotmesh.autoscaler")
@@ -48,23 +49,6 @@ class Managed:
     address: str = ""
     metrics: str = ""
     warmed: bool = False  # hot prefixes replayed; only then does the gateway see it
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 class LocalActuator(Actuator):

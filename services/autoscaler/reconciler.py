@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ from prometheus_client import Counter, Gauge
 from services.autoscaler.actuator import Actuator, Observation
 from services.autoscaler.policy import PolicyConfig, PolicyState, plan
 from services.autoscaler.signals import Pools, PoolState, Prices, ReplicaSignal, Signals, SpotMarket
+from spotmesh.metrics import metric_sum, read_metrics
 from spotmesh.runtime import fields
 from spotmesh.v1 import inference_pb2, inference_pb2_grpc
 
@@ -101,20 +101,14 @@ class LoadSignals:
         if not self.gateway_metrics:
             return 0.0
         try:
-            text = await asyncio.to_thread(self._scrape)
+            samples = await asyncio.to_thread(read_metrics, self.gateway_metrics, self.timeout)
         except OSError:
             return 0.0
-        total = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                    if line.startswith("spotmesh_gateway_requests_total{"))
+        total = metric_sum(samples, "spotmesh_gateway_requests_total")
         last, self._last_requests = self._last_requests, (now, total)
         if last is None or now <= last[0] or total < last[1]:
             return 0.0
         return (total - last[1]) / (now - last[0])
-
-    def _scrape(self) -> str:
-        url = f"http://{self.gateway_metrics}/metrics"
-        with urllib.request.urlopen(url, timeout=self.timeout) as resp:
-            return resp.read().decode()
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -69,11 +69,9 @@ def book_semantic_saving(cost_usd: float) -> None:
     SAVED.labels("semantic").inc(cost_usd)
 
 
-def report_from_metrics(text: str) -> dict:
-    """Per-tenant and per-pool cost, tokens and savings from a gateway's /metrics text (what
-    ``spotmesh cost`` prints)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
+def report_from_metrics(samples) -> dict:
+    """Per-tenant and per-pool cost, tokens and savings from a gateway's /metrics samples
+    (``spotmesh.metrics.read_metrics``; what ``spotmesh cost`` prints)."""
     tenants: dict[str, dict] = {}
     pools: dict[str, dict] = {}
     saved: dict[str, float] = {}
@@ -84,22 +82,20 @@ def report_from_metrics(text: str) -> dict:
     def pool(name: str) -> dict:
         return pools.setdefault(name, {"cost_usd": 0.0, "tokens": {}})
 
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            name, labels, value = sample.name, sample.labels, sample.value
-            if name == "spotmesh_gateway_cost_usd_total":
-                t = tenant(labels["tenant"])["cost_usd"]
-                t[labels["pool"]] = t.get(labels["pool"], 0.0) + value
-            elif name == "spotmesh_gateway_tokens_total":
-                tenant(labels["tenant"])["tokens"][labels["kind"]] = int(value)
-            elif name == "spotmesh_semantic_cache_saved_usd_total":
-                tenant(labels["tenant"])["semantic_saved_usd"] = value
-            elif name == "spotmesh_cost_usd_total":
-                pool(labels["pool"])["cost_usd"] = value
-            elif name == "spotmesh_tokens_total":
-                pool(labels["pool"])["tokens"][labels["kind"]] = int(value)
-            elif name == "spotmesh_saved_usd_total":
-                saved[labels["tier"]] = value
+    for name, labels, value in samples:
+        if name == "spotmesh_gateway_cost_usd_total":
+            t = tenant(labels["tenant"])["cost_usd"]
+            t[labels["pool"]] = t.get(labels["pool"], 0.0) + value
+        elif name == "spotmesh_gateway_tokens_total":
+            tenant(labels["tenant"])["tokens"][labels["kind"]] = int(value)
+        elif name == "spotmesh_semantic_cache_saved_usd_total":
+            tenant(labels["tenant"])["semantic_saved_usd"] = value
+        elif name == "spotmesh_cost_usd_total":
+            pool(labels["pool"])["cost_usd"] = value
+        elif name == "spotmesh_tokens_total":
+            pool(labels["pool"])["tokens"][labels["kind"]] = int(value)
+        elif name == "spotmesh_saved_usd_total":
+            saved[labels["tier"]] = value
     for p in pools.values():
         served = p["tokens"].get("prompt", 0) + p["tokens"].get("completion", 0)
         p["cost_per_mtok_usd"] = 1e6 * p["cost_usd"] / served if served else None

@@ -40,7 +40,6 @@ import resource
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from pathlib import Path
 
 from spotmesh.bench import latency_ms
 from spotmesh.bench.serve import data_dir, load_prompts, process_cpu_seconds
+from spotmesh.metrics import Sample, metric_sum, read_metrics
 
 DEFAULT_TRACE = "traces/azure_llm_2023_conv.csv"
 # Many HTTP/2 servers and proxies cap concurrent streams per connection at 100-250 and queue
@@ -297,25 +297,15 @@ def peak_rss_mib(pid: int | None) -> float | None:
     return None
 
 
-def scrape(metrics: str) -> list[tuple[str, dict[str, str], float]]:
+def scrape(metrics: str) -> list[Sample]:
     """Every sample of a Prometheus /metrics page; [] when there is none to read."""
     if not metrics:
         return []
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
-        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
-            text = r.read().decode()
+        return read_metrics(metrics)
     except OSError as exc:
         print(f"  cannot read http://{metrics}/metrics: {exc}", file=sys.stderr, flush=True)
         return []
-    return [(s.name, dict(s.labels), s.value)
-            for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
-def metric_sum(samples, name: str, **labels: str) -> float:
-    return sum(v for n, lab, v in samples
-               if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
 def codes_between(before, after) -> dict[str, int]:

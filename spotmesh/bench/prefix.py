@@ -23,11 +23,11 @@ import random
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 from spotmesh.bench import latency_ms
 from spotmesh.bench.serve import DEFAULT_PROMPTS, _closed_loop, data_dir
+from spotmesh.metrics import metric_sum, read_metrics
 
 POLICIES = {
     # name: (routing, prefix mode)
@@ -105,14 +105,9 @@ def ideal_hit_tokens(plan: list[tuple[int, int]], shared: list[int], block_size:
 
 def engine_counters(metrics_address: str) -> tuple[float, float]:
     """(prefix-cache hit tokens, queried tokens) from a replica's vLLM metrics."""
-    text = urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10).read()
-    hits = queries = 0.0
-    for line in text.decode().splitlines():
-        if line.startswith("vllm:prefix_cache_hits_total"):
-            hits += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("vllm:prefix_cache_queries_total"):
-            queries += float(line.rsplit(" ", 1)[1])
-    return hits, queries
+    samples = read_metrics(metrics_address)
+    return (metric_sum(samples, "vllm:prefix_cache_hits_total"),
+            metric_sum(samples, "vllm:prefix_cache_queries_total"))
 
 
 async def drive(address: str, key: str, systems: list[str], plan: list[tuple[int, int]],
