@@ -65,6 +65,59 @@ def test_drain_evicts_streams_still_running_after_the_grace_period(vllm_engine, 
     assert load.pool == common_pb2.POOL_SPOT and load.replica == "test-replica"
 
 
+def test_a_reclaim_notice_drain_admits_until_admit_seconds_then_evicts(vllm_engine, loop_thread):
+    """Drain with admit_seconds (a spot reclaim notice): the replica keeps taking new streams
+    while its replacement starts, stops at admit_seconds, and evicts what is unfinished when
+    the grace (counted from the Drain) ends."""
+    engine, info = vllm_engine
+
+    async def run():
+        server, servicer, address = await _serve(engine, info, grace=30)
+        try:
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = inference_pb2_grpc.InferenceStub(ch)
+                bad = []
+                for req in (inference_pb2.DrainRequest(grace_seconds=1, admit_seconds=2),
+                            inference_pb2.DrainRequest(admit_seconds=-1),
+                            inference_pb2.DrainRequest(admit_seconds=31)):
+                    with pytest.raises(grpc.aio.AioRpcError) as err:
+                        await stub.Drain(req)
+                    bad.append(err.value)
+                assert servicer._drain_task is None  # a refused Drain starts nothing
+                long = stub.Generate(inference_pb2.InferenceRequest(
+                    request_id="long", prompt_token_ids=[1, 9, 9], sampling=greedy(1900)))
+                await long.read()
+                loop = asyncio.get_running_loop()
+                await stub.Drain(inference_pb2.DrainRequest(grace_seconds=2.0, admit_seconds=1.0))
+                announced = loop.time()
+                # Inside the admit window: still serving, new work is taken and finishes.
+                load_during = await stub.Load(inference_pb2.LoadRequest())
+                during = [m async for m in stub.Generate(inference_pb2.InferenceRequest(
+                    request_id="during", prompt_token_ids=[1, 2], sampling=greedy(2)))]
+                await asyncio.sleep(max(0.0, announced + 1.2 - loop.time()))
+                late = stub.Generate(inference_pb2.InferenceRequest(
+                    request_id="late", prompt_token_ids=[1, 2], sampling=greedy(2)))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await late.read()
+                with pytest.raises(grpc.aio.AioRpcError) as evicted:
+                    while await long.read() is not grpc.aio.EOF:
+                        pass
+                await servicer._drain_task
+                load_after = await stub.Load(inference_pb2.LoadRequest())
+                return bad, during, load_during, refused.value, evicted.value, load_after
+        finally:
+            await server.stop(None)
+
+    bad, during, load_during, refused, evicted, load_after = loop_thread.run(run())
+    assert [e.code() for e in bad] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert all("admit_seconds" in e.details() for e in bad)
+    assert during and during[-1].finish_reason
+    assert not load_during.draining
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE and "draining" in refused.details()
+    assert evicted.code() == grpc.StatusCode.UNAVAILABLE
+    assert load_after.draining and load_after.in_flight == 0
+
+
 @pytest.mark.parametrize(("request_", "code", "names"), [
     (inference_pb2.InferenceRequest(request_id="", prompt_token_ids=[1]),
      grpc.StatusCode.INVALID_ARGUMENT, "request_id"),

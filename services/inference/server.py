@@ -56,6 +56,9 @@ QUEUE_DEPTH = Gauge("spotmesh_inference_queue_depth", "Requests waiting in the e
 RUNNING = Gauge("spotmesh_inference_running_requests", "Requests the engine is decoding.")
 KV_USAGE = Gauge("spotmesh_inference_kv_cache_usage_ratio", "Fraction of KV cache in use.")
 DRAINING = Gauge("spotmesh_inference_draining", "1 once the replica stopped admitting work.")
+ADMITTING_UNTIL = Gauge("spotmesh_inference_drain_admit_until_seconds",
+                        "Unix time until which an announced drain still admits work (a reclaim "
+                        "notice); 0 when none is under way.")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -214,19 +217,38 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         if grace is not None and not 0 <= grace <= 3600:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"grace_seconds must be in [0, 3600], got {grace:g}")
+        admit = request.admit_seconds
+        limit = self.drain_grace_seconds if grace is None else grace
+        if not 0 <= admit <= limit:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"admit_seconds must be in [0, grace_seconds ({limit:g})], got "
+                                f"{admit:g}")
         in_flight = len(self._in_flight)
-        self.start_drain(grace)
+        self.start_drain(grace, admit)
         return inference_pb2.DrainResponse(in_flight=in_flight)
 
-    def start_drain(self, grace_seconds: float | None = None) -> asyncio.Task:
-        """Stop admitting; let in-flight streams finish within the grace period; then evict the
-        rest (their callers get UNAVAILABLE and retry elsewhere). Idempotent."""
+    def start_drain(self, grace_seconds: float | None = None,
+                    admit_seconds: float = 0.0) -> asyncio.Task:
+        """Stop admitting (after `admit_seconds`); let in-flight streams finish within the grace
+        period, counted from now; then evict the rest (their callers get UNAVAILABLE and resume
+        or retry elsewhere). Idempotent: the first call's terms hold."""
         if self._drain_task is None:
             grace = self.drain_grace_seconds if grace_seconds is None else grace_seconds
-            self._drain_task = asyncio.create_task(self._drain(grace))
+            admit = min(max(0.0, admit_seconds), grace)
+            self._drain_task = asyncio.create_task(self._drain(grace, admit))
         return self._drain_task
 
-    async def _drain(self, grace: float) -> None:
+    async def _drain(self, grace: float, admit: float = 0.0) -> None:
+        if admit > 0:
+            # A reclaim notice: capacity is short until the replacement is up, so this replica
+            # serves on; streams it cannot finish in time resume elsewhere.
+            ADMITTING_UNTIL.set(time.time() + admit)
+            log.info("drain announced; admitting meanwhile",
+                     extra=fields(replica=self.replica, admit_seconds=admit,
+                                  grace_seconds=grace))
+            await asyncio.sleep(admit)
+            ADMITTING_UNTIL.set(0)
+            grace -= admit
         self.draining = True
         DRAINING.set(1)
         if self._on_draining is not None:

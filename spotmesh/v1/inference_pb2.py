@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from spotmesh.v1 import common_pb2 as spotmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspotmesh/v1/inference.proto\x12\x0bspotmesh.v1\x1a\x18spotmesh/v1/common.proto\"~\n\x10InferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.spotmesh.v1.SamplingParams\"\x9f\x01\n\x0eInferenceChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.spotmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.spotmesh.v1.Usage\x12\x17\n\x0freplica_seconds\x18\x05 \x01(\x01\"\r\n\x0bLoadRequest\"\xce\x02\n\nLoadReport\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x1f\n\x04pool\x18\x02 \x01(\x0e\x32\x11.spotmesh.v1.Pool\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x01\x12\x1c\n\x0fgpu_utilization\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x15\n\rkv_block_size\x18\x0b \x01(\x05\x12\x1a\n\x12kv_capacity_blocks\x18\x0c \x01(\x03\x12\x11\n\tin_flight\x18\r \x01(\x05\x12\x14\n\x0cquantization\x18\x0e \x01(\tB\x12\n\x10_gpu_utilization\"<\n\x0c\x44rainRequest\x12\x1a\n\rgrace_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_grace_seconds\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x32\xd0\x01\n\tInference\x12H\n\x08Generate\x12\x1d.spotmesh.v1.InferenceRequest\x1a\x1b.spotmesh.v1.InferenceChunk0\x01\x12\x39\n\x04Load\x12\x18.spotmesh.v1.LoadRequest\x1a\x17.spotmesh.v1.LoadReport\x12>\n\x05\x44rain\x12\x19.spotmesh.v1.DrainRequest\x1a\x1a.spotmesh.v1.DrainResponseB<Z:github.com/spotmesh/spotmesh/gen/go/spotmesh/v1;spotmeshv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspotmesh/v1/inference.proto\x12\x0bspotmesh.v1\x1a\x18spotmesh/v1/common.proto\"~\n\x10InferenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.spotmesh.v1.SamplingParams\"\x9f\x01\n\x0eInferenceChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.spotmesh.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.spotmesh.v1.Usage\x12\x17\n\x0freplica_seconds\x18\x05 \x01(\x01\"\r\n\x0bLoadRequest\"\xce\x02\n\nLoadReport\x12\x0f\n\x07replica\x18\x01 \x01(\t\x12\x1f\n\x04pool\x18\x02 \x01(\x0e\x32\x11.spotmesh.v1.Pool\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\x0f\n\x07waiting\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x07 \x01(\x01\x12\x1c\n\x0fgpu_utilization\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x15\n\rkv_block_size\x18\x0b \x01(\x05\x12\x1a\n\x12kv_capacity_blocks\x18\x0c \x01(\x03\x12\x11\n\tin_flight\x18\r \x01(\x05\x12\x14\n\x0cquantization\x18\x0e \x01(\tB\x12\n\x10_gpu_utilization\"S\n\x0c\x44rainRequest\x12\x1a\n\rgrace_seconds\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x15\n\radmit_seconds\x18\x02 \x01(\x01\x42\x10\n\x0e_grace_seconds\"\"\n\rDrainResponse\x12\x11\n\tin_flight\x18\x01 \x01(\x05\x32\xd0\x01\n\tInference\x12H\n\x08Generate\x12\x1d.spotmesh.v1.InferenceRequest\x1a\x1b.spotmesh.v1.InferenceChunk0\x01\x12\x39\n\x04Load\x12\x18.spotmesh.v1.LoadRequest\x1a\x17.spotmesh.v1.LoadReport\x12>\n\x05\x44rain\x12\x19.spotmesh.v1.DrainRequest\x1a\x1a.spotmesh.v1.DrainResponseB<Z:github.com/spotmesh/spotmesh/gen/go/spotmesh/v1;spotmeshv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,9 +43,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADREPORT']._serialized_start=376
   _globals['_LOADREPORT']._serialized_end=710
   _globals['_DRAINREQUEST']._serialized_start=712
-  _globals['_DRAINREQUEST']._serialized_end=772
-  _globals['_DRAINRESPONSE']._serialized_start=774
-  _globals['_DRAINRESPONSE']._serialized_end=808
-  _globals['_INFERENCE']._serialized_start=811
-  _globals['_INFERENCE']._serialized_end=1019
+  _globals['_DRAINREQUEST']._serialized_end=795
+  _globals['_DRAINRESPONSE']._serialized_start=797
+  _globals['_DRAINRESPONSE']._serialized_end=831
+  _globals['_INFERENCE']._serialized_start=834
+  _globals['_INFERENCE']._serialized_end=1042
 # @@protoc_insertion_point(module_scope)

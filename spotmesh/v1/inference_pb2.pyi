@@ -71,10 +71,12 @@ class LoadReport(_message.Message):
     def __init__(self, replica: _Optional[str] = ..., pool: _Optional[_Union[_common_pb2.Pool, str]] = ..., model: _Optional[str] = ..., engine: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., gpu_utilization: _Optional[float] = ..., draining: _Optional[bool] = ..., max_model_len: _Optional[int] = ..., kv_block_size: _Optional[int] = ..., kv_capacity_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., quantization: _Optional[str] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
-    __slots__ = ("grace_seconds",)
+    __slots__ = ("grace_seconds", "admit_seconds")
     GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     grace_seconds: float
-    def __init__(self, grace_seconds: _Optional[float] = ...) -> None: ...
+    admit_seconds: float
+    def __init__(self, grace_seconds: _Optional[float] = ..., admit_seconds: _Optional[float] = ...) -> None: ...
 
 class DrainResponse(_message.Message):
     __slots__ = ("in_flight",)

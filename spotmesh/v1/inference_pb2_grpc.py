@@ -73,8 +73,9 @@ class InferenceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Drain(self, request, context):
-        """Stops admitting new work (health turns NOT_SERVING, Generate answers UNAVAILABLE) and lets
-        in-flight streams finish within the grace period; streams still running then are aborted.
+        """Stops admitting new work (health turns NOT_SERVING, Generate answers UNAVAILABLE), after
+        `admit_seconds` if set, and lets in-flight streams finish within the grace period (counted
+        from the call); streams still running then are aborted. The first Drain's terms hold.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
