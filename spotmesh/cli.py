@@ -156,6 +156,13 @@ def cmd_preempt(a: argparse.Namespace) -> int:
     from spotmesh.files import write_atomically
     from spotmesh.mesh import pid_alive, state_dir, status
 
+    if a.notice < 0 or a.spot_unavailable_for < 0:
+        _err("--notice and --spot-unavailable-for must be >= 0")
+        return 2
+    admit = max(0.0, a.notice - 30.0) if a.admit_seconds is None else a.admit_seconds
+    if not 0 <= admit <= a.notice:
+        _err(f"--admit-seconds must be in [0, --notice ({a.notice:g})], got {admit:g}")
+        return 2
     directory = state_dir(a.state_dir)
     doc = status(directory)
     target = next((p for p in doc["processes"]
@@ -164,17 +171,30 @@ def cmd_preempt(a: argparse.Namespace) -> int:
         names = [p["replica"] for p in doc["processes"] if p["role"] == "inference"]
         _err(f"no running replica {a.replica!r}; replicas: {', '.join(names) or 'none'}")
         return 2
-    if a.notice < 0 or a.spot_unavailable_for < 0:
-        _err("--notice and --spot-unavailable-for must be >= 0")
-        return 2
     home = directory / "autoscaler"
     if a.spot_unavailable_for:
         write_atomically(home / "market.json", json.dumps(
             {"unavailable_until": time.time() + a.spot_unavailable_for}))
     write_atomically(home / "notices" / a.replica, json.dumps({"at": time.time()}))
     pid = target["pid"]
-    _err(f"reclaiming {a.replica} (pid {pid}): {a.notice:.0f}s notice")
-    os.kill(pid, signal.SIGTERM)  # the notice: stop admitting, finish or hand over streams
+    _err(f"reclaiming {a.replica} (pid {pid}): {a.notice:.0f}s notice, admitting for "
+         f"{admit:.0f}s of it")
+    if admit > 0 and target.get("address"):
+        # The notice, as a node-termination handler would relay it: serve on while the
+        # replacement starts, stop admitting `admit` seconds in, evict at the notice's end.
+        import grpc
+
+        from spotmesh.v1 import inference_pb2, inference_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(target["address"]) as ch:
+                inference_pb2_grpc.InferenceStub(ch).Drain(
+                    inference_pb2.DrainRequest(grace_seconds=a.notice, admit_seconds=admit),
+                    timeout=5.0)
+        except grpc.RpcError as exc:
+            _err(f"Drain of {a.replica} failed ({exc.code().name}): it stops admitting now")
+    # SIGTERM: the replica drains (on the terms of a Drain already under way) and exits.
+    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + a.notice
     while pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -336,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     pe.add_argument("replica", help="the replica's name, e.g. spot-1 (see spotmesh status)")
     pe.add_argument("--notice", type=float, default=30.0,
                     help="seconds between the notice and termination (AWS gives 120)")
+    pe.add_argument("--admit-seconds", type=float, default=None,
+                    help="seconds of the notice the replica keeps admitting new streams "
+                         "(default: all but the last 30 s; 0 stops admission at the notice)")
     pe.add_argument("--spot-unavailable-for", type=float, default=0.0,
                     help="also make spot capacity unavailable for this many seconds")
     pe.set_defaults(fn=cmd_preempt)

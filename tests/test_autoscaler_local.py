@@ -129,3 +129,16 @@ def test_contradictory_config_is_refused_naming_the_field(argv, field, capsys, t
     with pytest.raises(SystemExit):
         parse(["--state-dir", str(tmp_path), *argv])
     assert field in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--notice", "-1"], "--notice and --spot-unavailable-for must be >= 0"),
+    (["--notice", "10", "--admit-seconds", "11"], "--admit-seconds must be in [0, --notice (10)]"),
+    (["--notice", "10", "--admit-seconds", "-1"], "--admit-seconds must be in"),
+    ([], "no running replica 'spot-9'"),
+])
+def test_preempt_refuses_bad_flags_and_unknown_replicas(argv, message, capsys, tmp_path):
+    from spotmesh.cli import main
+
+    assert main(["--state-dir", str(tmp_path), "preempt", "spot-9", *argv]) == 2
+    assert message in capsys.readouterr().err
