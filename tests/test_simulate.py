@@ -207,6 +207,33 @@ def test_requests_in_flight_on_a_reclaimed_replica_resume_elsewhere() -> None:
     assert res.output_tokens == 4000
 
 
+def test_a_reclaimed_replica_serves_on_for_the_admit_part_of_its_notice() -> None:
+    # The only replica is reclaimed at t=100 (notice 90 s) and spot returns at t=300. As
+    # spotmesh's replicas do on Drain(admit_seconds), it keeps taking requests for the first
+    # 60 s of the notice: a request at t=110 is served at once; one at t=170 (admission over)
+    # waits for the new replica. Stopping admission at the notice makes both wait.
+    profile = ReplicaProfile("p", ((1, 10.0), (4, 20.0)), 4, None, None, 0.0, "test")
+
+    def capacity(t: float) -> int:
+        return 0 if 100 <= t < 300 else 1
+
+    def ttfts(admit: float) -> dict[float, float]:
+        arrivals = [Arrival(110.0, 50, 3), Arrival(170.0, 50, 3)]
+        sim = Simulation(FixedAsk(1, 0), arrivals, capacity, 10.0, profile, Prices(1.0, 3.0),
+                         duration=400.0, warmup=0.0, interval=10.0, notice=90.0, slo=2.0,
+                         drain_admit=admit)
+        res = sim.run()
+        assert res.preemptions == 1 and res.unfinished == 0
+        return dict(res.ttft_by_arrival)
+
+    served_on = ttfts(60.0)
+    assert served_on[110.0] == pytest.approx(0.0)
+    assert served_on[170.0] == pytest.approx(130.0)
+    stopped = ttfts(0.0)
+    assert stopped[110.0] == pytest.approx(190.0)
+    assert stopped[170.0] == pytest.approx(130.0)
+
+
 def test_oracle_with_ample_spot_buys_no_on_demand(inputs, tmp_path) -> None:
     inputs["availability"] = write_availability(tmp_path / "ample.csv", [(9, 9)] * 40)
     doc = run_json(inputs, tmp_path / "out.json", "--policy", "oracle")
@@ -396,6 +423,8 @@ def test_bad_flags_are_errors(inputs, tmp_path) -> None:
         simulate.main(argv(inputs, tmp_path / "o.json", "--windows", "0"))
     with pytest.raises(SystemExit):
         simulate.main(argv(inputs, tmp_path / "o.json", "--policy", "magic"))
+    with pytest.raises(SystemExit, match="--drain-admit-seconds must be in"):
+        simulate.main(argv(inputs, tmp_path / "o.json", "--drain-admit-seconds", "31"))
     assert not (tmp_path / "o.json").exists()
 
 

@@ -12,8 +12,11 @@ wait + prefill wait + own prefill.
 
 Replicas start in ``startup_seconds``. Spot replicas can only be obtained up to the capacity in
 the availability trace; when capacity drops below what is held the cloud reclaims replicas with
-a notice (``--preemption-notice-seconds``): they stop taking requests, and what they still hold
-when the notice ends resumes on another replica (re-prefilling prompt + tokens already sent).
+a notice (``--preemption-notice-seconds``). As spotmesh's replicas do on a reclaim notice
+(``Drain`` with ``admit_seconds``), they keep taking requests for ``--drain-admit-seconds`` of the
+notice, then stop; what they still hold when the notice ends resumes on another replica
+(re-prefilling prompt + tokens already sent). Every policy is simulated on this same serving
+behaviour; ``--drain-admit-seconds 0`` stops admission at the notice.
 Billing is per second from the moment an instance exists (a spot request waiting for capacity
 costs nothing) until it is terminated.
 
@@ -566,6 +569,7 @@ class Replica:
 
     __slots__ = (
         "acquired_at",
+        "admit_until",
         "busy_acc",
         "busy_since",
         "dec_version",
@@ -590,6 +594,7 @@ class Replica:
         self.state = WAITING
         self.launched_at = now
         self.acquired_at: float | None = None
+        self.admit_until = -math.inf  # a reclaimed replica still takes requests before this
         self.ended_at: float | None = None
         self.prefill_q: deque[Request] = deque()
         self.prefill_q_tokens = 0
@@ -668,11 +673,13 @@ class Simulation:
     def __init__(self, policy: SimPolicy, arrivals: list[Arrival], capacity_at: Callable[
                  [float], int], tick_seconds: float, profile: ReplicaProfile, prices: Prices,
                  duration: float, warmup: float, interval: float, notice: float, slo: float,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 drain_admit: float = 0.0) -> None:
         self.policy, self.arrivals, self.capacity_at = policy, arrivals, capacity_at
         self.tick_seconds, self.profile, self.prices = tick_seconds, profile, prices
         self.duration, self.warmup, self.interval = duration, warmup, interval
         self.notice, self.slo, self.progress = notice, slo, progress
+        self.drain_admit = min(drain_admit, notice)
         self.rate = [0.0] + [profile.throughput(n) / n
                              for n in range(1, profile.max_concurrency + 1)]
         self.heap: list[tuple[float, int, int, Replica | None, int]] = []
@@ -762,7 +769,8 @@ class Simulation:
         cap = self.profile.max_concurrency
         prefill = self.profile.prefill_tokens_per_s
         for rep in self.replicas:
-            if rep.state != READY or rep.held >= cap:
+            if rep.held >= cap or (rep.state != READY and not (
+                    rep.state == RECLAIMED and now < rep.admit_until)):
                 continue
             backlog = 0.0
             if prefill:
@@ -860,7 +868,7 @@ class Simulation:
         self._after_free(rep, now)
 
     def _after_free(self, rep: Replica, now: float) -> None:
-        if rep.state in (DRAINING, RECLAIMED) and rep.held == 0:
+        if rep.state in (DRAINING, RECLAIMED) and rep.held == 0 and not now < rep.admit_until:
             self._terminate(rep, now, resume=False)
         else:
             self._dispatch(now)
@@ -956,12 +964,16 @@ class Simulation:
             victims = sorted(alive, key=lambda r: (r.state != DRAINING, r.state != BOOTING,
                                                    -(r.acquired_at or 0.0), r.name))
             for rep in victims[:len(alive) - cap]:
+                if rep.state == READY and self.drain_admit > 0:
+                    # Serves on through the notice; a replica being drained or still booting
+                    # has nothing to offer.
+                    rep.admit_until = now + self.drain_admit
                 rep.state = RECLAIMED
                 self.last_preemption_at = now
                 self.preempted_total += 1
                 if 0 <= now < self.duration:
                     self.result.preemptions += 1
-                if rep.held == 0:
+                if rep.held == 0 and not now < rep.admit_until:
                     self._terminate(rep, now, resume=False)
                 else:
                     self._push(now + self.notice, _NOTICE_END, rep)
@@ -1254,6 +1266,8 @@ class Scenario:
     # Which of the `windows` windows run: "all", or "even" / "odd" indices (0-based), so a
     # policy can be tuned on one half of the windows and judged on the other.
     window_subset: str = "all"
+    # Seconds of a reclaim notice a replica keeps taking requests (0: it stops at the notice).
+    drain_admit: float = 0.0
 
     def indices(self) -> list[int]:
         """The indices (of `windows`) of the windows this run simulates."""
@@ -1338,7 +1352,7 @@ def run_scenario(sc: Scenario, policies: Sequence[str],
                              capacity_at,
                              sc.availability.tick_seconds / sc.time_scale, sc.profile, sc.prices,
                              duration, warmup, sc.interval, sc.notice, sc.slo_ttft,
-                             progress=progress)
+                             progress=progress, drain_admit=sc.drain_admit)
             results[p_name].append(sim.run())
             timelines[p_name].append(sim.result.timeline)
     report = _report(sc, results, static, target_qps)
@@ -1430,6 +1444,7 @@ def _report(sc: Scenario, results: dict[str, list[WindowResult]], static: int,
             "window_indices": sc.indices(), "window_hours": sc.window_hours,
             "warmup_minutes": sc.warmup_minutes, "time_scale": sc.time_scale,
             "interval_s": sc.interval, "preemption_notice_s": sc.notice,
+            "drain_admit_s": sc.drain_admit,
             "slo_ttft_s": sc.slo_ttft, "target_load_per_replica": sc.target_load,
             "on_demand_floor": sc.on_demand_floor, "static_replicas": static,
             "skyserve_target_qps_per_replica": round(target_qps, 4),
@@ -1481,6 +1496,11 @@ def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None else round(x, nd)
 
 
+def _ratio(p: dict, key: str, width: int = 0) -> str:
+    """A cost ratio, or "-" where its baseline policy was not run."""
+    return f"{p[key]:>{width}.3f}" if key in p else f"{'-':>{width}}"
+
+
 def format_table(report: dict) -> str:
     """The per-policy table printed after a run."""
     head = (f"{'policy':<18} {'cost $':>9} {'$/1M tok':>9} {'SLO':>8} {'preempt':>7} "
@@ -1491,15 +1511,16 @@ def format_table(report: dict) -> str:
             f"{name:<18} {p['cost_usd']:>9.2f} {p['cost_per_mtok_usd'] or 0:>9.4f} "
             f"{p['slo_attainment'] * 100:>7.2f}% {p['preemptions']:>7d} "
             f"{p['replica_hours']['spot']:>8.2f} {p['replica_hours']['on_demand']:>8.2f} "
-            f"{p.get('cost_vs_static', float('nan')):>9.3f} "
-            f"{p.get('cost_vs_oracle', float('nan')):>9.3f} {p['ttft_s']['p99'] or 0:>7.2f}s")
+            f"{_ratio(p, 'cost_vs_static', 9)} "
+            f"{_ratio(p, 'cost_vs_oracle', 9)} {p['ttft_s']['p99'] or 0:>7.2f}s")
     for parity, part in report.get("by_window_parity", {}).items():
         s = part["policies"].get("spotmesh")
         if s and len(report.get("by_window_parity", {})) > 1:
+            ratios = [f"{s[key]:.3f}x {base}" for key, base in (("cost_vs_static", "static"),
+                                                                 ("cost_vs_oracle", "oracle"))
+                      if key in s]
             lines.append(f"spotmesh on {parity} windows ({part['role']}): "
-                         f"{s.get('cost_vs_static', float('nan')):.3f}x static, "
-                         f"{s.get('cost_vs_oracle', float('nan')):.3f}x oracle, "
-                         f"SLO {s['slo_attainment'] * 100:.2f}%")
+                         + ", ".join([*ratios, f"SLO {s['slo_attainment'] * 100:.2f}%"]))
     goal = report.get("goal")
     if goal:
         lines.append(f"goal ({goal['target']}): {'MET' if goal['met'] else 'NOT MET'} "
@@ -1616,6 +1637,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how often every policy decides (SkyServe's default decision interval)")
     p.add_argument("--preemption-notice-seconds", type=float, default=120.0,
                    help="warning before a reclaimed spot replica is terminated (AWS: 120)")
+    p.add_argument("--drain-admit-seconds", type=float, default=None,
+                   help="seconds of a reclaim notice a replica keeps taking requests, as "
+                        "spotmesh's replicas do (Drain admit_seconds; default: all but the "
+                        "notice's last 30 s; 0 stops admission at the notice)")
     p.add_argument("--target-load-per-replica", type=float, default=16.0,
                    help="waiting + running per replica that every policy sizes for")
     p.add_argument("--on-demand-floor", type=int, default=1,
@@ -1663,6 +1688,10 @@ def _check(args: argparse.Namespace) -> None:
                 "skyserve_downscale_delay_seconds"):
         if getattr(args, key) < 0:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    admit = args.drain_admit_seconds
+    if admit is not None and not 0 <= admit <= args.preemption_notice_seconds:
+        raise SystemExit(f"--drain-admit-seconds must be in [0, --preemption-notice-seconds "
+                         f"({args.preemption_notice_seconds:g})], got {admit:g}")
 
 
 def build_scenario(args: argparse.Namespace) -> Scenario:
@@ -1682,6 +1711,8 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         window_hours=args.window_hours, warmup_minutes=args.warmup_minutes,
         time_scale=args.time_scale, interval=args.interval_seconds,
         notice=args.preemption_notice_seconds, slo_ttft=args.slo_ttft_seconds,
+        drain_admit=(max(0.0, args.preemption_notice_seconds - 30.0)
+                     if args.drain_admit_seconds is None else args.drain_admit_seconds),
         target_load=args.target_load_per_replica, on_demand_floor=args.on_demand_floor,
         static_replicas=args.static_replicas, window_subset=args.window_subset,
         skyserve_delays=(args.skyserve_upscale_delay_seconds,
