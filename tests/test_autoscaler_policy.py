@@ -392,7 +392,7 @@ def test_duplicate_replica_names_are_rejected() -> None:
         Signals(replicas=[ready("s1"), ready("s1")], now=NOW)
 
 
-# -- availability-aware on-demand floor, reclaim reserve, reclaim refill sizing ---------------
+# -- availability-aware on-demand floor, scarce spot, reclaim refill sizing ---------------
 
 
 def test_on_demand_floor_is_released_after_spot_has_been_reliable() -> None:
@@ -417,7 +417,7 @@ def test_on_demand_floor_is_released_after_spot_has_been_reliable() -> None:
     assert back.remove == ["od1"]
 
 
-def test_a_recent_reclaim_or_unfilled_spot_keeps_the_on_demand_floor() -> None:
+def test_a_recent_reclaim_keeps_the_on_demand_floor() -> None:
     config = PolicyConfig(on_demand_floor=1, floor_release_seconds=3600.0)
     replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
         ready("od1", "on-demand", load=16)]
@@ -426,14 +426,42 @@ def test_a_recent_reclaim_or_unfilled_spot_keeps_the_on_demand_floor() -> None:
     recent = SpotMarket(available=True, last_preemption_at=NOW - 1200)
     p = run(replicas, state=old, config=config, market=recent)
     assert (p.spot, p.on_demand) == (4, 1)
+    assert p.state.last_reclaim_at == NOW - 1200
+    # The reclaim is remembered even when the market's report no longer carries it.
+    p = run(replicas, state=p.state, config=config, market=SpotMarket(available=True))
+    assert (p.spot, p.on_demand) == (4, 1)
     # A reclaim two hours ago: released again.
     p = run(replicas, state=old, config=config,
             market=SpotMarket(available=True, last_preemption_at=NOW - 7200))
     assert p.on_demand == 1 and p.spot == 5
-    # Spot requests not being filled right now: the floor is kept however long ago trouble was.
-    p = run(replicas, state=old, config=config, market=SpotMarket(available=False))
-    assert p.on_demand >= 1
-    assert not any("released" in r for r in p.reasons)
+
+
+def test_unfilled_spot_is_covered_replica_for_replica_without_holding_the_floor() -> None:
+    # Two hours without a reclaim, but spot requests go unfilled: spot is scarce, not
+    # unreliable. On-demand covers the one spot replica that cannot be had, and that is all:
+    # the floor is not held on top (the covering replica already is the margin).
+    config = PolicyConfig(on_demand_floor=1, floor_release_seconds=3600.0)
+    replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
+        ready("od1", "on-demand", load=16)]
+    old = PolicyState(started_at=NOW - 7200, needed=5)
+    scarce = SpotMarket(available=False)
+    p = run(replicas, state=old, config=config, market=scarce)
+    assert (p.spot, p.on_demand) == (5, 1)
+    assert any("floor of 1 released" in r for r in p.reasons)
+    assert any("on-demand covers" in r for r in p.reasons)
+    # The spot request stays open and nothing flaps while it waits: the same plan 20 s on,
+    # and no replica is drained.
+    waiting = [*at(replicas, NOW + 20), pending("s4", since=NOW)]
+    q = run(waiting, now=NOW + 20, state=p.state, config=config, market=scarce)
+    assert (q.spot, q.on_demand, q.remove) == (5, 1, [])
+    # Spot fills the request: od1 is kept while s4 boots, handed back once it is ready.
+    booting = run(waiting, now=NOW + 40, state=q.state, config=config,
+                  market=SpotMarket(available=True))
+    assert (booting.spot, booting.on_demand, booting.remove) == (5, 1, [])
+    up = at([*replicas[:4], ready("s4", load=8), ready("od1", "on-demand", load=8)], NOW + 240)
+    back = run(up, now=NOW + 240, state=booting.state, config=config,
+               market=SpotMarket(available=True))
+    assert (back.spot, back.on_demand, back.remove) == (5, 0, ["od1"])
 
 
 def test_floor_release_none_keeps_the_floor_forever() -> None:
@@ -449,17 +477,18 @@ def test_floor_release_must_not_be_negative() -> None:
         PolicyConfig(floor_release_seconds=-1.0).validate()
 
 
-def test_reclaim_reserve_on_demand_is_at_most_one_replica() -> None:
-    # Spot keeps being reclaimed and requests go unfilled: the over-provisioning that rides on
-    # spot while spot delivers is held on demand, but only one replica of it.
+def test_no_reserve_is_held_on_demand_while_spot_is_scarce_and_reclaiming() -> None:
+    # Spot keeps being reclaimed and requests go unfilled: the over-provisioning for reclaims
+    # is asked of spot, and on-demand covers the floor only (every spot replica is ready), not
+    # a reserve at 3x the price.
     replicas = [ready(f"s{i}", load=16) for i in range(4)] + [
         ready("od1", "on-demand", load=16)]
     market = SpotMarket(available=False, preemption_rate_per_replica_hour=2.0,
                         last_preemption_at=NOW - 60)
     p = run(replicas, state=PolicyState(started_at=0.0, needed=5), market=market)
     assert p.spot == 4 + 2  # spot still asked for, over-provisioned by the reclaim rate
-    assert p.on_demand == 1 + 1  # the floor and a reserve of one, not two
-    assert any("reclaim reserve of 1" in r for r in p.reasons)
+    assert p.on_demand == 1
+    assert not any("reserve" in r for r in p.reasons)
 
 
 def test_reclaim_replacement_is_sized_by_arrival_rate_not_the_backlog_it_leaves() -> None:
@@ -484,26 +513,6 @@ def test_reclaim_replacement_is_sized_by_arrival_rate_not_the_backlog_it_leaves(
     r = run(queued, rate=7.5, now=NOW + 60, state=p.state, config=config, market=market,
             unassigned=40)
     assert r.state.needed == 6
-
-
-def test_reclaim_reserve_is_not_held_while_the_fleet_has_a_replica_of_slack() -> None:
-    # Same scarce, reclaiming spot as above, but the load (60) fits the fleet less one replica
-    # (4 x 16): a single reclaim leaves enough capacity, so no on-demand reserve is bought.
-    replicas = [ready(f"s{i}", load=12) for i in range(4)] + [
-        ready("od1", "on-demand", load=12)]
-    market = SpotMarket(available=False, preemption_rate_per_replica_hour=2.0,
-                        last_preemption_at=NOW - 60)
-    state = PolicyState(started_at=0.0, needed=5, last_scale_down_at=NOW - 10)
-    p = run(replicas, state=state, market=market)
-    assert p.state.needed == 5
-    assert p.spot == 4 + 2  # spot still asked for and over-provisioned
-    assert p.on_demand == 1  # the floor only
-    assert not any("reclaim reserve" in r for r in p.reasons)
-    # With no slack (load 80 over 5 replicas) the reserve is held as before.
-    busy = [ready(f"s{i}", load=16) for i in range(4)] + [ready("od1", "on-demand", load=16)]
-    q = run(busy, state=state, market=market)
-    assert q.on_demand == 1 + 1
-    assert any("reclaim reserve of 1" in r for r in q.reasons)
 
 
 def test_scale_out_while_spot_is_maxed_out_is_sized_by_arrival_rate_not_backlog() -> None:

@@ -25,18 +25,21 @@ How a plan is made:
    `target * (1 - hysteresis)`, to the highest such count recommended over the stabilisation
    window, at most `max_scale_in_fraction` of the fleet per step, and not within
    `down_cooldown_seconds` of the last change.
-4. Split the fleet between pools. An on-demand floor is kept while spot is unproven
-   (availability): from start, while spot cannot deliver, and for `floor_release_seconds` after
-   the last reclaim or stuck spot launch; after that long of reliable spot the floor, too, goes
-   to spot. The rest goes to spot while spot is cheaper, over-provisioned by the observed
-   preemption rate. Spot that cannot deliver (pending past `pending_grace_seconds`, the market
-   saying it is gone, or a reclaim within `reclaim_backoff_seconds`) stops counting and
-   on-demand covers the gap, plus a reclaim reserve of at most one replica (only while the
-   fleet has no replica of slack of its own); the spot requests
-   stay open, so when spot capacity returns and those replicas become ready the on-demand
-   replicas are handed back. Pending replicas never cause ready ones to be removed. The
-   replacements a reclaim triggers are treated like a scale-out's starting replicas: the
-   backlog the lost replicas leave is not new demand, only a higher arrival rate adds more.
+4. Split the fleet between pools. An on-demand floor guards against losing the spot replicas
+   already running: it is kept from start and for `floor_release_seconds` after the last
+   reclaim; after that long without one, the floor, too, goes to spot. Spot that merely cannot
+   be had (requests unfilled, launches stuck) does not hold the floor: the on-demand replicas
+   covering it already are the margin, and holding the floor on top of them paid the on-demand
+   premium for an insurance nothing claimed. The rest goes to spot while spot is cheaper,
+   over-provisioned by the observed preemption rate. Spot that cannot deliver (pending past
+   `pending_grace_seconds`, the market saying it is gone, or a reclaim within
+   `reclaim_backoff_seconds`) stops counting and on-demand covers exactly the gap; no reserve
+   on top (a reclaimed replica serves on through its notice, so a single reclaim costs a
+   fraction of a cold start, not a replica); the spot requests stay open, so when spot
+   capacity returns and those replicas become ready the on-demand replicas are handed back.
+   Pending replicas never cause ready ones to be removed. The replacements a reclaim triggers
+   are treated like a scale-out's starting replicas: the backlog the lost replicas leave is
+   not new demand, only a higher arrival rate adds more.
    Likewise while spot is maxed out (spot requests unfilled): a scale-out would land on
    on-demand, so within a cold start of the last scale-out it follows the arrival rate, not
    the backlog.
@@ -88,10 +91,10 @@ class PolicyConfig:
     max_scale_in_fraction: float = 0.25
     # On-demand replicas kept whenever anything runs while spot is unproven: spot can vanish
     # all at once. The floor is released (drops to 0, everything on spot plus its reclaim
-    # over-provisioning) once spot has been reliable -- no reclaim notice, no unfilled spot
-    # request, no launch stuck pending -- for floor_release_seconds, counted from start (a
-    # policy that has not watched spot yet has no evidence it is reliable); the first sign of
-    # trouble brings it back. None keeps the floor always.
+    # over-provisioning) once no spot replica has been reclaimed for floor_release_seconds,
+    # counted from start (a policy that has not watched spot yet has no evidence it is
+    # reliable); the next reclaim brings it back. Unfilled spot requests do not: on-demand
+    # covers those replica for replica. None keeps the floor always.
     on_demand_floor: int = 1
     floor_release_seconds: float | None = 2700.0
     scale_to_zero: bool = False
@@ -164,7 +167,7 @@ class PolicyState:
     replicas start) and `last_load` the load it saw last; `recommendations` the
     (time, scale-in recommendation) pairs inside the stabilisation window; `pending_seen` when
     each pending replica was first seen (used only where the actuator gives no `state_since`);
-    `spot_trouble_at` the last time spot could not deliver (what releases the on-demand floor).
+    `last_reclaim_at` the last reclaim seen (what holds the on-demand floor).
     """
 
     started_at: float | None = None
@@ -176,7 +179,7 @@ class PolicyState:
     recommendations: tuple[tuple[float, int], ...] = ()
     idle_since: float | None = None
     pending_seen: tuple[tuple[str, float], ...] = ()
-    spot_trouble_at: float | None = None
+    last_reclaim_at: float | None = None
     reclaim_seen_at: float | None = None
     refill_at: float | None = None
 
@@ -306,18 +309,17 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
         # Without word from the market, a reclaim says spot capacity is short: replacements
         # are not waited for. Where the market says spot requests are being filled, they are.
         spot_trouble.append(f"spot reclaimed {now - market.last_preemption_at:.0f}s ago")
-    spot_trouble_at = now if stuck["spot"] else state.spot_trouble_at
+    last_reclaim_at = state.last_reclaim_at
     if market.last_preemption_at is not None:
-        spot_trouble_at = max(spot_trouble_at or market.last_preemption_at,
+        last_reclaim_at = max(last_reclaim_at or market.last_preemption_at,
                               market.last_preemption_at)
     od_floor = config.on_demand_floor
     if config.floor_release_seconds is not None and od_floor:
-        reliable_since = max(started_at, spot_trouble_at or started_at)
-        if not spot_trouble and now - reliable_since >= config.floor_release_seconds:
+        reliable_since = max(started_at, last_reclaim_at or started_at)
+        if now - reliable_since >= config.floor_release_seconds:
             od_floor = 0
-            reasons.append(f"spot reliable for {now - reliable_since:.0f}s (no reclaim, no "
-                           f"unfilled request): on-demand floor of {config.on_demand_floor} "
-                           f"released")
+            reasons.append(f"no spot replica reclaimed for {now - reliable_since:.0f}s: "
+                           f"on-demand floor of {config.on_demand_floor} released")
     credited_pending = {
         "spot": 0 if spot_trouble else len(fleet.pending["spot"]) - len(stuck["spot"]),
         "on-demand": len(fleet.pending["on-demand"]) - len(stuck["on-demand"]),
@@ -454,20 +456,13 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
         0, spot_healthy - spot_ready - len(fleet.pending["spot"]))
     credit_all = min(spot_ready + credited_pending["spot"] + spot_asks, spot_healthy)
     credit_ready = min(spot_ready, spot_healthy)
-    # The reclaim reserve rides on spot while spot delivers; when it does not, the reserve is
-    # held on demand: that is when a reclaim would leave the fleet short for a cold start. On
-    # demand it costs 2-3x as much and is held for as long as spot stays scarce, so one
-    # replica of it: it absorbs a single reclaim, and larger losses are what the on-demand
-    # fallback replaces.
-    # Only while the fleet has no slack of its own: when the load would still fit the fleet
-    # less one replica at the target, a single reclaim costs no capacity that matters.
-    slack = needed > 0 and load <= (needed - 1) * target
-    reserve = min(extra, 1) if spot_trouble and not slack else 0
-    if reserve:
-        reasons.append(f"reclaim reserve of {reserve} held on demand while spot cannot deliver")
-    od_launch = max(floor, needed + reserve - credit_all) if needed else 0
+    # The reclaim over-provisioning rides on spot only: while spot cannot deliver, on-demand
+    # covers the gap replica for replica and no more. A reserve held on demand (2-3x the price,
+    # for as long as spot stays scarce) bought little: a reclaimed replica serves on through
+    # its notice, so a reclaim costs the fleet a fraction of a cold start.
+    od_launch = max(floor, needed - credit_all) if needed else 0
     # On-demand is handed back only against spot that is ready, never against pending spot.
-    od_keep = max(floor, needed + reserve - credit_ready) if needed else 0
+    od_keep = max(floor, needed - credit_ready) if needed else 0
     od_have = len(fleet.fresh["on-demand"]) + len(fleet.pending["on-demand"])
     od_healthy = max(od_launch, min(od_have, od_keep))
     if od_healthy > od_room and spot_cheaper:
@@ -513,7 +508,7 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
         state, started_at=started_at, needed=needed, last_scale_up_at=last_up,
         rate_at_scale_out=rate_at_up, last_load=load,
         last_scale_down_at=last_down, recommendations=recommendations, idle_since=idle_since,
-        pending_seen=pending_seen, spot_trouble_at=spot_trouble_at, reclaim_seen_at=reclaim,
+        pending_seen=pending_seen, last_reclaim_at=last_reclaim_at, reclaim_seen_at=reclaim,
         refill_at=refill_at)
     return PoolPlan(spot=targets["spot"], on_demand=targets["on-demand"], remove=remove,
                     reasons=reasons, state=next_state)
