@@ -434,6 +434,19 @@ def test_stats_count_per_tenant_and_in_total(cache):
         (1, 3, 2, 2, 1)
 
 
+def test_per_tenant_stats_are_bounded_and_totals_stay_exact(make_cache):
+    # A service-token holder can name any tenant: counters are kept for the 2 most recently
+    # counted tenants; older ones fold into the totals instead of growing memory.
+    cache = make_cache(max_tenant_stats=2)
+    v = unit(19)
+    for tenant in ("t1", "t2", "t1", "t3", "t4"):
+        cache.lookup(tenant, MODEL, FP, v, 0.5, now=T0)
+    assert list(cache._counters) == ["t3", "t4"]
+    assert cache.stats("t1", now=T0).lookups == 0  # folded: its own figures start again
+    assert cache.stats("t4", now=T0).lookups == 1
+    assert cache.stats(now=T0).lookups == 5
+
+
 def test_maintain_sweeps_and_flushes_on_schedule(make_cache):
     cache = make_cache(sweep_seconds=1e-9, flush_seconds=1e-9, flush_every=0)
     v = unit(18)

@@ -52,6 +52,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,10 @@ class CacheOptions:
     # steady stream of stores that is ~150 ms a lookup on Milvus 2.3.5. Bounded reads a
     # slightly stale view (an answer stored a moment ago may miss once) at search latency.
     lookup_consistency: str = "Session"
+    # Tenants whose lookup/hit/store counters are kept apart. A service-token holder can name
+    # any tenant, so beyond this the least recently counted tenant's counters are folded into
+    # the all-tenant totals (which stay exact) and its own figures start again from zero.
+    max_tenant_stats: int = 10_000
 
 
 LOOKUP_CONSISTENCY = ("Session", "Bounded", "Eventually", "Strong")
@@ -317,7 +322,8 @@ class SemanticCache:
         self._unflushed = 0
         self._last_flush = time.monotonic()
         self._last_sweep = time.monotonic()
-        self._counters: dict[str, _Counters] = {}
+        self._counters: OrderedDict[str, _Counters] = OrderedDict()
+        self._folded = _Counters()  # counts of tenants dropped from _counters
         self._closed = False
         if is_local(options.uri):
             # No server to wait for: a data directory that cannot be opened (locked by another
@@ -594,7 +600,7 @@ class SemanticCache:
             if tenant:
                 c = self._counters.get(tenant, _Counters())
                 return Stats(entries, c.lookups, c.hits, c.stores, c.expired_swept)
-            cs = list(self._counters.values())
+            cs = [*self._counters.values(), self._folded]
         return Stats(entries, sum(c.lookups for c in cs), sum(c.hits for c in cs),
                      sum(c.stores for c in cs), sum(c.expired_swept for c in cs))
 
@@ -700,7 +706,15 @@ class SemanticCache:
 
     def _count(self, tenant: str, **inc: int) -> None:
         with self._stats_lock:
-            c = self._counters.setdefault(tenant, _Counters())
+            c = self._counters.get(tenant)
+            if c is None:
+                c = self._counters[tenant] = _Counters()
+                while len(self._counters) > max(1, self.options.max_tenant_stats):
+                    _, old = self._counters.popitem(last=False)
+                    for k in ("lookups", "hits", "stores", "expired_swept"):
+                        setattr(self._folded, k, getattr(self._folded, k) + getattr(old, k))
+            else:
+                self._counters.move_to_end(tenant)
             for k, v in inc.items():
                 setattr(c, k, getattr(c, k) + v)
 
