@@ -8,6 +8,7 @@ service-specific lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -168,6 +169,14 @@ class ServerProcess:
         if self.config.ready_file:
             Path(self.config.ready_file).unlink(missing_ok=True)
         log.info("stopped", extra=fields(service=self.name))
+
+
+async def cancel_and_wait(task: asyncio.Task) -> None:
+    """Cancel a background task and wait until it has stopped (its CancelledError is the
+    expected outcome, not an error)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from services.cache.metrics import ENTRIES, EXPIRED_SWEPT
 from services.cache.semantic import CacheUnavailable, SemanticCache
-from spotmesh.runtime import fields
+from spotmesh.runtime import cancel_and_wait, fields
 
 log = logging.getLogger("spotmesh.cache")
 
@@ -41,11 +41,7 @@ class Maintenance:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
             self._task = None
 
     async def refresh_entries(self) -> None:

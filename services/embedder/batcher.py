@@ -25,6 +25,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.embedder.model import Encoder
+from spotmesh.runtime import cancel_and_wait
 
 BATCH_SIZE = Histogram(
     "spotmesh_embedder_batch_size",
@@ -146,9 +147,7 @@ class MicroBatcher:
         requests; a batch being encoded finishes in its thread but nobody receives it."""
         self._closed = True
         if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+            await cancel_and_wait(self._worker)
             self._worker = None
         while self._pending:
             p = self._pending.popleft()

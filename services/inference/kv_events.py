@@ -25,7 +25,7 @@ import grpc
 from prometheus_client import Counter
 
 from services.cache.prefix import ROOT_HASH, block_hashes
-from spotmesh.runtime import fields
+from spotmesh.runtime import cancel_and_wait, fields
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
 
 log = logging.getLogger("spotmesh.inference")
@@ -111,11 +111,7 @@ class KvEventRelay:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(self._task)
         # The engine is going away with its cache: nothing it held can be reused.
         if self.replica:
             await self._call("Forget", self._stub.Forget,

@@ -45,7 +45,7 @@ from services.inference.engine import (
     Sampling,
 )
 from spotmesh.gpu import gpu_utilization
-from spotmesh.runtime import fields
+from spotmesh.runtime import cancel_and_wait, fields
 
 log = logging.getLogger("spotmesh.inference")
 
@@ -514,9 +514,7 @@ class TensorRTLLMEngine(Engine):
 
     async def shutdown(self) -> None:
         if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+            await cancel_and_wait(self._refresher)
             self._refresher = None
         llm, self.llm = self.llm, None
         if llm is not None:
