@@ -152,6 +152,7 @@ def cmd_cost(a: argparse.Namespace) -> int:
 def cmd_preempt(a: argparse.Namespace) -> int:
     """Reclaim a replica the way a cloud reclaims a spot instance: a notice (the replica drains),
     then termination when the notice runs out; optionally no spot capacity for a while."""
+    from services.autoscaler.actuator import reclaim_admit_seconds
     from services.autoscaler.local import kill_group
     from spotmesh.files import write_atomically
     from spotmesh.mesh import pid_alive, state_dir, status
@@ -159,7 +160,7 @@ def cmd_preempt(a: argparse.Namespace) -> int:
     if a.notice < 0 or a.spot_unavailable_for < 0:
         _err("--notice and --spot-unavailable-for must be >= 0")
         return 2
-    admit = max(0.0, a.notice - 30.0) if a.admit_seconds is None else a.admit_seconds
+    admit = reclaim_admit_seconds(a.notice) if a.admit_seconds is None else a.admit_seconds
     if not 0 <= admit <= a.notice:
         _err(f"--admit-seconds must be in [0, --notice ({a.notice:g})], got {admit:g}")
         return 2

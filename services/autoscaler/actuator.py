@@ -18,6 +18,16 @@ from services.autoscaler.signals import Pool
 
 InstanceState = Literal["pending", "ready", "draining", "terminating"]
 
+# A reclaimed replica serves on through its notice (`Drain(admit_seconds)`) and stops admitting
+# this long before the notice ends: what it took earlier mostly finishes in time, the rest
+# resumes elsewhere.
+RECLAIM_STOP_ADMITTING_SECONDS = 30.0
+
+
+def reclaim_admit_seconds(notice_seconds: float) -> float:
+    """How much of a reclaim notice a replica keeps admitting new streams."""
+    return max(0.0, notice_seconds - RECLAIM_STOP_ADMITTING_SECONDS)
+
 
 @dataclass(frozen=True)
 class Instance:

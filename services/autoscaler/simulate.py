@@ -74,6 +74,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from services.autoscaler.actuator import reclaim_admit_seconds
 from services.autoscaler.policy import PolicyConfig, PolicyState, plan
 from services.autoscaler.signals import (
     Pool,
@@ -1711,7 +1712,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
         window_hours=args.window_hours, warmup_minutes=args.warmup_minutes,
         time_scale=args.time_scale, interval=args.interval_seconds,
         notice=args.preemption_notice_seconds, slo_ttft=args.slo_ttft_seconds,
-        drain_admit=(max(0.0, args.preemption_notice_seconds - 30.0)
+        drain_admit=(reclaim_admit_seconds(args.preemption_notice_seconds)
                      if args.drain_admit_seconds is None else args.drain_admit_seconds),
         target_load=args.target_load_per_replica, on_demand_floor=args.on_demand_floor,
         static_replicas=args.static_replicas, window_subset=args.window_subset,
