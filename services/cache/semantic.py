@@ -155,6 +155,12 @@ class _Counters:
     stores: int = 0
     expired_swept: int = 0
 
+    def add(self, other: _Counters) -> None:
+        self.lookups += other.lookups
+        self.hits += other.hits
+        self.stores += other.stores
+        self.expired_swept += other.expired_swept
+
 
 def literal(value: str) -> str:
     """``value`` as a double-quoted Milvus filter string literal."""
@@ -600,9 +606,10 @@ class SemanticCache:
             if tenant:
                 c = self._counters.get(tenant, _Counters())
                 return Stats(entries, c.lookups, c.hits, c.stores, c.expired_swept)
-            cs = [*self._counters.values(), self._folded]
-        return Stats(entries, sum(c.lookups for c in cs), sum(c.hits for c in cs),
-                     sum(c.stores for c in cs), sum(c.expired_swept for c in cs))
+            total = _Counters()
+            for c in (*self._counters.values(), self._folded):
+                total.add(c)
+        return Stats(entries, total.lookups, total.hits, total.stores, total.expired_swept)
 
     def flush(self) -> None:
         """Turn pending writes into sealed segments (a search speed-up, not durability). On
@@ -710,9 +717,7 @@ class SemanticCache:
             if c is None:
                 c = self._counters[tenant] = _Counters()
                 while len(self._counters) > max(1, self.options.max_tenant_stats):
-                    _, old = self._counters.popitem(last=False)
-                    for k in ("lookups", "hits", "stores", "expired_swept"):
-                        setattr(self._folded, k, getattr(self._folded, k) + getattr(old, k))
+                    self._folded.add(self._counters.popitem(last=False)[1])
             else:
                 self._counters.move_to_end(tenant)
             for k, v in inc.items():
