@@ -129,3 +129,39 @@ def test_token_ids_outside_the_vocabulary_are_rejected(vllm_engine, loop_thread)
         loop_thread.run(collect(engine, "oov-1", [1, 10**6], GREEDY))
     # The engine goes on serving.
     assert loop_thread.run(collect(engine, "oov-2", [1, 5], GREEDY))[-1].finish_reason
+
+
+
+def test_every_vllm_process_runs_the_portable_cpu_kernels():
+    """vLLM spawns its engine core, and only a vLLM general plugin runs there before the first
+    forward pass; it must keep the AMX kernels out (services/inference/vllm_plugin.py)."""
+    from importlib.metadata import entry_points
+
+    import torch
+
+    from services.inference import vllm_plugin
+
+    plugins = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert plugins.get("spotmesh_portable_cpu_kernels") == (
+        "services.inference.vllm_plugin:portable_cpu_kernels")
+    vllm_plugin.portable_cpu_kernels()
+    assert torch.cpu._is_amx_tile_supported() is False
+
+
+def test_greedy_continuation_from_any_point_matches_the_uninterrupted_run(vllm_engine,
+                                                                        loop_thread):
+    """What mid-stream resume relies on: the prompt plus the first k tokens, prefilled at once,
+    continue exactly as decoding did (the AMX kernels broke this; see vllm_plugin)."""
+    engine, _ = vllm_engine
+    prompt = [1, *range(300, 317)]
+    sampling = Sampling(temperature=0.0, max_tokens=120)
+
+    def tokens(chunks):
+        return [t for c in chunks for t in c.token_ids]
+
+    full = tokens(loop_thread.run(collect(engine, "cont-ref", prompt, sampling)))
+    for k in (1, 13, 40, 100):
+        rest = tokens(loop_thread.run(collect(
+            engine, f"cont-{k}", prompt + full[:k], Sampling(temperature=0.0,
+                                                             max_tokens=120 - k))))
+        assert full[:k] + rest == full, k
