@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import grpc
-from google.protobuf import message_factory
-from google.protobuf.descriptor import Descriptor, FieldDescriptor, ServiceDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 
@@ -93,7 +92,9 @@ def tolerant_deserializer(cls: type[Message]) -> Callable[[bytes], Message | Und
     return deserialize
 
 
-def _reject_undecodable(behaviour, server_streaming: bool):
+def rejecting_undecodable(behaviour, server_streaming: bool):
+    """``behaviour`` (a servicer method) answering an :class:`Undecodable` request with
+    INVALID_ARGUMENT naming its problem before the method sees it."""
     if server_streaming:
 
         async def stream(request, context):
@@ -110,30 +111,3 @@ def _reject_undecodable(behaviour, server_streaming: bool):
         return await behaviour(request, context)
 
     return unary
-
-
-def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
-    """Register ``servicer`` for ``service`` like the generated ``add_*_to_server`` does, but
-    with tolerant request decoding: an unparsable request is answered INVALID_ARGUMENT naming
-    the field before the servicer sees it. Unary-request methods only (spotmesh has no
-    client-streaming RPCs)."""
-    handlers = {}
-    for method in service.methods:
-        req_cls = message_factory.GetMessageClass(method.input_type)
-        resp_cls = message_factory.GetMessageClass(method.output_type)
-        if method.client_streaming:
-            raise ValueError(f"{method.full_name}: client-streaming methods are not supported")
-        behaviour = _reject_undecodable(getattr(servicer, method.name), method.server_streaming)
-        kind = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = kind(
-            behaviour,
-            request_deserializer=tolerant_deserializer(req_cls),
-            response_serializer=resp_cls.SerializeToString,
-        )
-    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
-    server.add_generic_rpc_handlers((generic,))
-    server.add_registered_method_handlers(service.full_name, handlers)

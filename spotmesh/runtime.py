@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import disable_created_metrics, start_http_server
 
 from spotmesh.config import ServerConfig
+from spotmesh.decoding import rejecting_undecodable, tolerant_deserializer
 from spotmesh.files import write_atomically
 
 log = logging.getLogger("spotmesh")
@@ -177,6 +180,33 @@ async def cancel_and_wait(task: asyncio.Task) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> None:
+    """Register ``servicer`` for ``service`` like the generated ``add_*_to_server`` does, but
+    with tolerant request decoding: an unparsable request is answered INVALID_ARGUMENT naming
+    the field before the servicer sees it. Unary-request methods only (spotmesh has no
+    client-streaming RPCs)."""
+    handlers = {}
+    for method in service.methods:
+        req_cls = message_factory.GetMessageClass(method.input_type)
+        resp_cls = message_factory.GetMessageClass(method.output_type)
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client-streaming methods are not supported")
+        behaviour = rejecting_undecodable(getattr(servicer, method.name), method.server_streaming)
+        kind = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = kind(
+            behaviour,
+            request_deserializer=tolerant_deserializer(req_cls),
+            response_serializer=resp_cls.SerializeToString,
+        )
+    generic = grpc.method_handlers_generic_handler(service.full_name, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def run(main: Callable[[], Awaitable[None]]) -> None:

@@ -7,17 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spotmesh.v1 import common_pb2
+from spotmesh.validation import InvalidField
 
 MAX_STOP = 8
 MAX_STOP_BYTES = 256
-
-
-class InvalidField(ValueError):
-    """A request field is out of bounds; the message starts with the field's name."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field} {problem}")
-        self.field = field
 
 
 @dataclass(frozen=True)

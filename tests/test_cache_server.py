@@ -17,7 +17,7 @@ from services.cache import config as cache_config
 from services.cache.metrics import OTHER_TENANTS, TenantLabels
 from services.cache.semantic import CacheOptions, SemanticCache
 from services.cache.server import SemanticCacheServicer
-from spotmesh.decoding import add_servicer
+from spotmesh.runtime import add_servicer
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
 DIM = 384

@@ -7,7 +7,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from spotmesh.decoding import Undecodable, add_servicer, find_invalid_utf8, tolerant_deserializer
+from spotmesh.decoding import Undecodable, find_invalid_utf8, tolerant_deserializer
+from spotmesh.runtime import add_servicer
 from spotmesh.v1 import gateway_pb2, gateway_pb2_grpc, inference_pb2
 
 # Serialized with a unique ASCII marker, then the marker is swapped for bytes of the same length

@@ -29,8 +29,7 @@ from services.embedder.config import MAX_TEXT_BYTES, MAX_TEXTS, parse
 from services.embedder.model import Encoder, EncoderUnavailable, load_encoder, pool
 from services.embedder.server import EmbedderServicer
 from spotmesh.config import ServerConfig
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess
+from spotmesh.runtime import ServerProcess, add_servicer
 from spotmesh.v1 import embedder_pb2, embedder_pb2_grpc
 
 REPO = Path(__file__).resolve().parent.parent

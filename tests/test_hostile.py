@@ -42,8 +42,7 @@ from hypothesis.errors import InvalidArgument
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotmesh.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess
+from spotmesh.runtime import ServerProcess, add_servicer
 from spotmesh.v1 import (
     cache_pb2,
     common_pb2,

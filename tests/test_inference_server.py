@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from services.inference.server import InferenceServicer
-from spotmesh.decoding import add_servicer
+from spotmesh.runtime import add_servicer
 from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
 pytestmark = pytest.mark.engine

@@ -11,7 +11,7 @@ from prometheus_client import REGISTRY
 
 from services.cache.prefix import PrefixStore
 from services.cache.prefix_server import PrefixCacheServicer
-from spotmesh.decoding import add_servicer
+from spotmesh.runtime import add_servicer
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
 
 TOKEN = "prefix-token-1"

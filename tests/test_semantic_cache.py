@@ -29,7 +29,7 @@ from services.cache.semantic import (
     _split_utf8,
     literal,
 )
-from spotmesh.sampling import InvalidField
+from spotmesh.validation import InvalidField
 
 DIM = 384
 MODEL = "spotmesh-tiny"

@@ -26,7 +26,7 @@ import pytest
 from services.cache.netns_milvus import NetnsMilvus, netns_problem
 from services.cache.semantic import CacheOptions, CacheUnavailable, SemanticCache
 from services.cache.server import SemanticCacheServicer
-from spotmesh.decoding import add_servicer
+from spotmesh.runtime import add_servicer
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 
 REPO = Path(__file__).resolve().parent.parent

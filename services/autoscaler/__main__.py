@@ -13,8 +13,7 @@ from pathlib import Path
 from services.autoscaler.config import AutoscalerConfig, parse
 from services.autoscaler.reconciler import LoadSignals, Reconciler
 from services.autoscaler.server import AutoscalerServicer
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess, fields, run, setup_logging
+from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import autoscaler_pb2
 
 log = logging.getLogger("spotmesh.autoscaler")

@@ -18,8 +18,7 @@ from services.cache.prefix import PrefixStore
 from services.cache.prefix_server import PrefixCacheServicer
 from services.cache.semantic import CacheSchemaError, CacheUnavailable, SemanticCache, is_local
 from services.cache.server import SemanticCacheServicer
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess, fields, run, setup_logging
+from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import cache_pb2
 
 log = logging.getLogger("spotmesh.cache")

@@ -20,8 +20,8 @@ from prometheus_client import Counter, Gauge
 from services.cache.auth import ROLE_SERVICE, Denied, TokenAuth
 from services.cache.prefix import IndexFull, PrefixStore
 from spotmesh.runtime import fields
-from spotmesh.sampling import InvalidField
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
+from spotmesh.validation import InvalidField
 
 log = logging.getLogger("spotmesh.cache.prefix")
 

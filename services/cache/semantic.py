@@ -62,11 +62,10 @@ import grpc
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from spotmesh.sampling import InvalidField
+from spotmesh.validation import TENANT_ID, InvalidField
 
 # --- the contract's bounds (protos/spotmesh/v1/cache.proto) ----------------------------------
 
-TENANT_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # Served model names and hub ids ("org/name", "name:tag", "name@rev"); no quote, no backslash,
 # no space, so a validated name is inert inside a double-quoted filter literal.
 MODEL_RE = re.compile(r"[A-Za-z0-9_.:/@+-]{1,256}")
@@ -172,7 +171,7 @@ def prompt_sha256(prompt: str) -> str:
 
 
 def check_tenant(tenant: str, name: str = "tenant") -> str:
-    if not TENANT_RE.fullmatch(tenant):
+    if not TENANT_ID.fullmatch(tenant):
         raise InvalidField(name, "must be 1-64 characters of A-Z a-z 0-9 _ . -")
     return tenant
 

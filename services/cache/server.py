@@ -33,8 +33,8 @@ from services.cache.semantic import (
     check_tenant,
 )
 from spotmesh.runtime import fields
-from spotmesh.sampling import InvalidField
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
+from spotmesh.validation import InvalidField
 
 log = logging.getLogger("spotmesh.cache")
 

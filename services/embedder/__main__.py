@@ -15,8 +15,7 @@ from services.embedder.batcher import MicroBatcher
 from services.embedder.config import EmbedderConfig, parse
 from services.embedder.model import EncoderUnavailable, load_encoder
 from services.embedder.server import EmbedderServicer
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess, fields, run, setup_logging
+from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import embedder_pb2
 
 log = logging.getLogger("spotmesh.embedder")

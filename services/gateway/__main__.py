@@ -14,8 +14,7 @@ from services.gateway.prefix import PrefixRouter
 from services.gateway.replicas import ReplicaSet
 from services.gateway.semantic import SemanticCacheClient
 from services.gateway.server import GatewayServicer
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess, run, setup_logging
+from spotmesh.runtime import ServerProcess, add_servicer, run, setup_logging
 from spotmesh.v1 import gateway_pb2
 
 log = logging.getLogger("spotmesh.gateway")

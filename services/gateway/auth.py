@@ -23,15 +23,13 @@ time does not depend on how much of a guessed key matches.
 from __future__ import annotations
 
 import hashlib
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.gateway.ratelimit import RateLimits
+from spotmesh.validation import TENANT_ID
 
-# Tenant ids end up in cache filters and metric labels: a strict alphabet keeps both safe.
-TENANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # The lowest threshold with precision >= 0.97 for all-MiniLM-L6-v2 (ONNX) replaying Banking77's
 # 3,080 test queries through a cache (`spotmesh cache calibrate --format intents`, hit rate
 # 0.18; benchmarks/results/calibrate-banking77.json). On STS-B pairs, which are built to be

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.gateway.validation import ValidRequest
-from spotmesh.sampling import InvalidField
+from spotmesh.validation import InvalidField
 
 
 class UnknownModel(KeyError):

@@ -22,8 +22,8 @@ from services.gateway.semantic import SemanticCacheClient, plan_for, replay, sto
 from services.gateway.validation import validate
 from spotmesh.metrics import ITL_BUCKETS, TTFT_BUCKETS
 from spotmesh.runtime import fields
-from spotmesh.sampling import InvalidField
 from spotmesh.v1 import cache_pb2, common_pb2, gateway_pb2, gateway_pb2_grpc, inference_pb2
+from spotmesh.validation import InvalidField
 
 log = logging.getLogger("spotmesh.gateway")
 

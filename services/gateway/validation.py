@@ -10,8 +10,9 @@ import uuid
 from dataclasses import dataclass
 
 from services.gateway.config import Limits
-from spotmesh.sampling import InvalidField, Sampling, sampling_from_proto
+from spotmesh.sampling import Sampling, sampling_from_proto
 from spotmesh.v1 import gateway_pb2
+from spotmesh.validation import InvalidField
 
 MAX_MODEL_NAME = 256
 MAX_REQUEST_ID = 128

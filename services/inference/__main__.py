@@ -10,8 +10,7 @@ import tempfile
 from services.inference.config import EngineConfig, InferenceConfig, parse
 from services.inference.engine import Engine, EngineError
 from services.inference.server import InferenceServicer
-from spotmesh.decoding import add_servicer
-from spotmesh.runtime import ServerProcess, fields, run, setup_logging
+from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import inference_pb2
 
 log = logging.getLogger("spotmesh.inference")

@@ -21,8 +21,9 @@ from services.inference.engine import (
 )
 from spotmesh.metrics import ITL_BUCKETS, TTFT_BUCKETS
 from spotmesh.runtime import fields
-from spotmesh.sampling import InvalidField, sampling_from_proto
+from spotmesh.sampling import sampling_from_proto
 from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from spotmesh.validation import InvalidField
 
 log = logging.getLogger("spotmesh.inference")
 
