@@ -16,7 +16,7 @@ import grpc
 import pytest
 from conftest import Mesh
 
-from services.cache.prefix import block_hashes
+from spotmesh.prefix_hash import block_hashes
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.mesh

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from services.cache.prefix import PrefixIndex, block_hashes
 from services.gateway.routing import Candidate, Weights, pick, winning_scorer
 from spotmesh.bench.prefix_sim import Request, simulate
+from spotmesh.prefix_hash import block_hashes
+from spotmesh.prefix_index import PrefixIndex
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "prefix_cache" / \
     "mooncake_fast25_synthetic_trace.jsonl"

@@ -9,8 +9,8 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from services.cache.prefix import PrefixStore
 from services.cache.prefix_server import PrefixCacheServicer
+from spotmesh.prefix_index import PrefixStore
 from spotmesh.runtime import add_servicer
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
 
@@ -203,7 +203,7 @@ def test_hot_returns_the_most_recorded_prefixes_with_their_tokens(served):
 
 
 def test_hot_prefixes_are_bounded_and_keep_the_hot_ones():
-    from services.cache.prefix import HotPrefixes
+    from spotmesh.prefix_index import HotPrefixes
 
     hot = HotPrefixes(slots=64)
     for _ in range(10):

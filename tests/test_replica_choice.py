@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from services.cache.prefix import block_hashes
 from services.gateway.prefix import PrefixRouter
 from services.gateway.replicas import FAILURES_BEFORE_SKIP, Replica, ReplicaSet
+from spotmesh.prefix_hash import block_hashes
 from spotmesh.v1 import common_pb2, inference_pb2
 
 MODEL = "tiny"

@@ -18,7 +18,7 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from services.cache.auth import ROLE_SERVICE, Denied, TokenAuth
-from services.cache.prefix import IndexFull, PrefixStore
+from spotmesh.prefix_index import IndexFull, PrefixStore
 from spotmesh.runtime import fields
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
 from spotmesh.validation import InvalidField

@@ -1,7 +1,7 @@
 """Which replica already holds a prompt's prefix: the gateway's side of prefix-aware routing.
 
 The gateway cuts the prompt's token ids into the engine's KV blocks and chains their hashes
-(:func:`services.cache.prefix.block_hashes`), asks the shared prefix index (the cache tier's
+(:func:`spotmesh.prefix_hash.block_hashes`), asks the shared prefix index (the cache tier's
 ``PrefixCache`` service) which replica holds how many leading blocks, and, once a replica has
 sent the first token (so its engine has prefilled the prompt), records that the replica holds
 them. Two modes:
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import grpc
 from prometheus_client import Counter, Gauge
 
-from services.cache.prefix import IndexFull, PrefixStore, block_hashes
+from spotmesh.prefix_hash import block_hashes
+from spotmesh.prefix_index import IndexFull, PrefixStore
 from spotmesh.runtime import fields
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
 

@@ -4,7 +4,7 @@ vLLM publishes every block it stores or evicts (``kv_events_config``: a ZMQ PUB 
 ``KVEventBatch`` messages of ``BlockStored`` / ``BlockRemoved`` / ``AllBlocksCleared``). Its
 block hashes are its own (a seeded hash of its internal key), so the gateway cannot compute
 them; but ``BlockStored`` carries the blocks' token ids, so this relay recomputes spotmesh's
-chained hashes (:func:`services.cache.prefix.block_hashes`) from them, remembers which vLLM hash
+chained hashes (:func:`spotmesh.prefix_hash.block_hashes`) from them, remembers which vLLM hash
 became which spotmesh hash, and sends ``Record`` / ``Evict`` / ``Forget`` to the index under
 this replica's name. The index then says what the engine really holds, not what the gateways
 guessed.
@@ -24,7 +24,7 @@ from collections import OrderedDict
 import grpc
 from prometheus_client import Counter
 
-from services.cache.prefix import ROOT_HASH, block_hashes
+from spotmesh.prefix_hash import ROOT_HASH, block_hashes
 from spotmesh.runtime import cancel_and_wait, fields
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc
 

@@ -2,7 +2,7 @@
 
 A Mooncake-format trace (``timestamp`` ms, ``input_length``, ``output_length``, ``hash_ids``:
 the prompt's chained 512-token block hashes) is replayed through spotmesh's real router
-(``services.gateway.routing``) and prefix index (``services.cache.prefix``, in approximate mode:
+(``services.gateway.routing``) and prefix index (``spotmesh.prefix_index``, in approximate mode:
 the router records where it sent each prompt). Each replica's KV cache is simulated as an LRU
 set of ``--capacity-blocks`` blocks. Compared in the same run: round-robin, random, and one
 shared cache of N x C blocks (what no routing can beat).
@@ -20,8 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.cache.prefix import PrefixIndex
 from services.gateway.routing import Candidate, Weights, pick, winning_scorer
+from spotmesh.prefix_index import PrefixIndex
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake's hash_ids cover 512-token blocks
 # Service-time model for the load signal: prefill and decode rates of one replica.

@@ -239,7 +239,20 @@ class SemanticCache:
 
 
 class PrefixCacheStub:
-    """Which replica holds which KV-cache prefix (the prefix-routing issue builds it).
+    """Which replica holds which KV-cache prefix: an index of chained block hashes, shared by every
+    gateway and fed by the replicas' KV-cache events in precise mode.
+
+    A block hash, byte for byte (every producer and the index must agree; spotmesh's is
+    spotmesh/prefix_hash.py, tested against fixed vectors in tests/test_prefix_hash.py):
+    - the prompt's token ids are cut into blocks of the engine's KV block size; a partial last
+    block has no hash;
+    - block i's hash is H(parent, token ids of block i), parent being block i-1's hash, and 0
+    for the first block;
+    - H(parent, ids) = BLAKE2b with an 8-byte digest (no key) of the parent as an unsigned
+    64-bit integer followed by each id as a signed 64-bit integer, all little-endian; the
+    digest read as a little-endian unsigned 64-bit integer is the hash.
+    Example: the block [1, 2] under parent 0 hashes to 8901564848246840783, and [3, 4] after it
+    to 5144891096145841010.
     """
 
     def __init__(self, channel):
@@ -276,7 +289,20 @@ class PrefixCacheStub:
 
 
 class PrefixCacheServicer:
-    """Which replica holds which KV-cache prefix (the prefix-routing issue builds it).
+    """Which replica holds which KV-cache prefix: an index of chained block hashes, shared by every
+    gateway and fed by the replicas' KV-cache events in precise mode.
+
+    A block hash, byte for byte (every producer and the index must agree; spotmesh's is
+    spotmesh/prefix_hash.py, tested against fixed vectors in tests/test_prefix_hash.py):
+    - the prompt's token ids are cut into blocks of the engine's KV block size; a partial last
+    block has no hash;
+    - block i's hash is H(parent, token ids of block i), parent being block i-1's hash, and 0
+    for the first block;
+    - H(parent, ids) = BLAKE2b with an 8-byte digest (no key) of the parent as an unsigned
+    64-bit integer followed by each id as a signed 64-bit integer, all little-endian; the
+    digest read as a little-endian unsigned 64-bit integer is the hash.
+    Example: the block [1, 2] under parent 0 hashes to 8901564848246840783, and [3, 4] after it
+    to 5144891096145841010.
     """
 
     def Match(self, request, context):
@@ -352,7 +378,20 @@ def add_PrefixCacheServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PrefixCache:
-    """Which replica holds which KV-cache prefix (the prefix-routing issue builds it).
+    """Which replica holds which KV-cache prefix: an index of chained block hashes, shared by every
+    gateway and fed by the replicas' KV-cache events in precise mode.
+
+    A block hash, byte for byte (every producer and the index must agree; spotmesh's is
+    spotmesh/prefix_hash.py, tested against fixed vectors in tests/test_prefix_hash.py):
+    - the prompt's token ids are cut into blocks of the engine's KV block size; a partial last
+    block has no hash;
+    - block i's hash is H(parent, token ids of block i), parent being block i-1's hash, and 0
+    for the first block;
+    - H(parent, ids) = BLAKE2b with an 8-byte digest (no key) of the parent as an unsigned
+    64-bit integer followed by each id as a signed 64-bit integer, all little-endian; the
+    digest read as a little-endian unsigned 64-bit integer is the hash.
+    Example: the block [1, 2] under parent 0 hashes to 8901564848246840783, and [3, 4] after it
+    to 5144891096145841010.
     """
 
     @staticmethod

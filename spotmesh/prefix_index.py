@@ -1,35 +1,15 @@
-"""Which replica holds which KV-cache prefix: an index of chained block hashes.
+"""Which replica holds which KV-cache prefix: an index of chained block hashes
+(:mod:`spotmesh.prefix_hash`).
 
-A prompt is cut into blocks of the engine's KV block size; block i's hash is H(hash of block
-i-1, token ids of block i), so equal hashes mean equal prefixes up to and including that block
-(nano-vllm's and vLLM's definition of "same prefix"). Each replica holds a bounded number of
-blocks and forgets the least recently used first, as its engine's cache does.
+The prefix cache service keeps the shared one; every gateway keeps a local one of its own
+records, to route on when the service does not answer in time. Each replica holds a bounded
+number of blocks and forgets the least recently used first, as its engine's cache does.
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-
-ROOT_HASH = 0
-
-
-def block_hashes(token_ids: Sequence[int], block_size: int, parent: int = ROOT_HASH) -> list[int]:
-    """Chained 64-bit hashes of the full blocks of ``token_ids`` (a partial last block is not
-    cached by the engine, so it has no hash)."""
-    if block_size < 1:
-        raise ValueError("block_size must be >= 1")
-    out = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        block = token_ids[start:start + block_size]
-        digest = hashlib.blake2b(
-            struct.pack(f"<Q{len(block)}q", parent, *block), digest_size=8
-        ).digest()
-        parent = int.from_bytes(digest, "little")
-        out.append(parent)
-    return out
 
 
 class PrefixIndex:
