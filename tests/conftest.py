@@ -50,7 +50,7 @@ def loop_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from spotmesh.tinymodel import ensure_default_model
+    from cli.tinymodel import ensure_default_model
 
     return ensure_default_model()
 
@@ -78,7 +78,7 @@ class Mesh:
         self.state_dir = state_dir
         self.env = {**os.environ, "SPOTMESH_STATE_DIR": str(state_dir)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spotmesh.cli", "up", "--port", "0", *args],
+            [sys.executable, "-m", "cli", "up", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
             cwd=REPO,
         )
@@ -90,9 +90,9 @@ class Mesh:
         else:
             err = self.proc.stderr.read()
             raise RuntimeError(f"spotmesh up failed:\n{''.join(self.banner)}\n{err}")
-        from spotmesh.mesh import MeshState, read_dev_key
+        from spotmesh.statedir import StateDir, read_dev_key
 
-        self.state = MeshState.load(state_dir)
+        self.state = StateDir(state_dir).load_mesh()
         self.gateway = self.state.gateway().address
         self.api_key = read_dev_key(Path(self.state.api_keys))
         self.replicas = [p for p in self.state.processes if p.role == "inference"]

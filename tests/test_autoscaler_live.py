@@ -115,7 +115,7 @@ def test_load_ramp_scales_out_preemption_is_replaced_quiet_scales_in(amesh):
         # The cloud takes the spot replica back with a 5 s notice, and has no spot for now.
         # The replica serves on for 3 s of it (Drain admit_seconds), then stops admitting;
         # what is unfinished at 5 s resumes elsewhere: no client sees an error either way.
-        out = subprocess.run([sys.executable, "-m", "spotmesh.cli", "preempt", spot,
+        out = subprocess.run([sys.executable, "-m", "cli", "preempt", spot,
                               "--notice", "5", "--admit-seconds", "3",
                               "--spot-unavailable-for", "900"], env=amesh.env, check=True,
                              capture_output=True, text=True, timeout=60)
@@ -171,7 +171,7 @@ def test_serving_continues_with_the_autoscaler_down(amesh):
 def test_ctrl_c_stops_the_autoscalers_replicas_too(amesh):
     pids = [p["pid"] for p in _processes(amesh) if p["pid"]]
     assert amesh.stop() == 0
-    from spotmesh.mesh import pid_alive
+    from spotmesh.processes import pid_alive
 
     assert not [pid for pid in pids if pid_alive(pid)]
 
@@ -179,6 +179,6 @@ def test_ctrl_c_stops_the_autoscalers_replicas_too(amesh):
 def _processes(mesh) -> list[dict]:
     import json
 
-    out = subprocess.run([sys.executable, "-m", "spotmesh.cli", "status"], env=mesh.env,
+    out = subprocess.run([sys.executable, "-m", "cli", "status"], env=mesh.env,
                          capture_output=True, text=True, check=True)
     return [p for p in json.loads(out.stdout)["processes"] if p["role"] == "inference"]

@@ -11,8 +11,9 @@ import subprocess
 
 import pytest
 
-from services.autoscaler.local import LocalActuator, Managed
-from spotmesh.mesh import pid_alive
+from services.autoscaler.local import LocalActuator
+from spotmesh.processes import pid_alive
+from spotmesh.statedir import ManagedReplica
 
 
 def run(coro):
@@ -35,7 +36,7 @@ def sleepers():
         p.wait()
 
 
-def seed(tmp_path, *instances: Managed, desired=None) -> None:
+def seed(tmp_path, *instances: ManagedReplica, desired=None) -> None:
     from dataclasses import asdict
 
     (tmp_path / "autoscaler").mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ def seed(tmp_path, *instances: Managed, desired=None) -> None:
         "next_index": len(instances)}))
 
 
-def ready(tmp_path, m: Managed) -> Managed:
+def ready(tmp_path, m: ManagedReplica) -> ManagedReplica:
     f = tmp_path / f"{m.name}.ready"
     f.write_text(json.dumps({"address": f"127.0.0.1:{1000 + m.pid % 1000}"}))
     m.ready_file = str(f)
@@ -53,8 +54,8 @@ def ready(tmp_path, m: Managed) -> Managed:
 
 def test_a_restarted_actuator_adopts_live_replicas_and_publishes_them(tmp_path, sleepers):
     a, b = sleepers(), sleepers()
-    seed(tmp_path, ready(tmp_path, Managed("od-0", "on-demand", 1.0, pid=a.pid)),
-         ready(tmp_path, Managed("spot-1", "spot", 2.0, pid=b.pid)),
+    seed(tmp_path, ready(tmp_path, ManagedReplica("od-0", "on-demand", 1.0, pid=a.pid)),
+         ready(tmp_path, ManagedReplica("spot-1", "spot", 2.0, pid=b.pid)),
          desired={"on-demand": 1, "spot": 1})
     act = LocalActuator(tmp_path, [])
     obs = run(act.observe())
@@ -68,7 +69,7 @@ def test_a_restarted_actuator_adopts_live_replicas_and_publishes_them(tmp_path, 
 
 def test_shrinking_drains_the_named_replica_first(tmp_path, sleepers):
     procs = [sleepers() for _ in range(3)]
-    seed(tmp_path, *(ready(tmp_path, Managed(f"spot-{i}", "spot", float(i), pid=p.pid))
+    seed(tmp_path, *(ready(tmp_path, ManagedReplica(f"spot-{i}", "spot", float(i), pid=p.pid))
                      for i, p in enumerate(procs)))
     act = LocalActuator(tmp_path, [])
     run(act.observe())
@@ -98,8 +99,8 @@ def test_spot_launches_stay_pending_while_the_market_has_none(tmp_path):
 def test_a_replica_that_dies_unasked_is_a_preemption_and_a_notice_counts_once(tmp_path,
                                                                               sleepers):
     a, b = sleepers(), sleepers()
-    seed(tmp_path, ready(tmp_path, Managed("spot-0", "spot", 1.0, pid=a.pid)),
-         ready(tmp_path, Managed("spot-1", "spot", 2.0, pid=b.pid)))
+    seed(tmp_path, ready(tmp_path, ManagedReplica("spot-0", "spot", 1.0, pid=a.pid)),
+         ready(tmp_path, ManagedReplica("spot-1", "spot", 2.0, pid=b.pid)))
     act = LocalActuator(tmp_path, [])
     run(act.observe())
     (tmp_path / "autoscaler" / "notices").mkdir()
@@ -138,7 +139,7 @@ def test_contradictory_config_is_refused_naming_the_field(argv, field, capsys, t
     ([], "no running replica 'spot-9'"),
 ])
 def test_preempt_refuses_bad_flags_and_unknown_replicas(argv, message, capsys, tmp_path):
-    from spotmesh.cli import main
+    from cli.main import main
 
     assert main(["--state-dir", str(tmp_path), "preempt", "spot-9", *argv]) == 2
     assert message in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spotmesh.bench import load
+from cli.bench import load
 
 pytestmark = pytest.mark.mesh
 
@@ -24,7 +24,7 @@ def parse(*argv: str) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def gateway(tiny_model):
     """One mesh for both tests, started the way the benchmark starts its own."""
-    from spotmesh.tinymodel import DEFAULT_MODEL_NAME
+    from spotmesh.home import DEFAULT_MODEL_NAME
 
     load.raise_open_file_limit()
     args = parse("--concurrency", "1", "--replicas", "1")

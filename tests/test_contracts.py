@@ -11,7 +11,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.descriptor import FieldDescriptor
 from grpc_tools import protoc
 
-from spotmesh import protogen
+from cli import protogen
 from spotmesh.v1 import common_pb2, gateway_pb2
 
 COMMITTED = protogen.REPO / protogen.PACKAGE_DIR

@@ -56,7 +56,7 @@ def test_up_prints_address_key_and_client_command(mesh):
 
 
 def test_status_lists_every_process_with_health(mesh):
-    out = subprocess.run([sys.executable, "-m", "spotmesh.cli", "status"], env=mesh.env,
+    out = subprocess.run([sys.executable, "-m", "cli", "status"], env=mesh.env,
                          capture_output=True, text=True, check=True)
     doc = json.loads(out.stdout)
     roles = sorted(p["role"] for p in doc["processes"])
@@ -89,7 +89,7 @@ def test_generate_streams_tokens_from_the_engine(stub, mesh, tiny_model):
 
 def test_spotmesh_generate_streams_to_the_terminal(mesh):
     out = subprocess.run(
-        [sys.executable, "-m", "spotmesh.cli", "generate", "Tell me about spot instances",
+        [sys.executable, "-m", "cli", "generate", "Tell me about spot instances",
          "--max-tokens", "8"], env=mesh.env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()

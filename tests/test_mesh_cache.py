@@ -182,7 +182,7 @@ def test_spotmesh_cost_reports_tenants_pools_and_savings_by_tier(cache_mesh):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "spotmesh.cli", "cost", "--json"],
+    out = subprocess.run([sys.executable, "-m", "cli", "cost", "--json"],
                          env=cache_mesh.env, capture_output=True, text=True, check=True)
     report = json.loads(out.stdout)
     assert {"alpha", "beta"} <= set(report["tenants"])
@@ -192,6 +192,6 @@ def test_spotmesh_cost_reports_tenants_pools_and_savings_by_tier(cache_mesh):
     pool = report["pools"]["on-demand"]  # the one replica of this mesh
     assert pool["cost_usd"] > 0 and pool["tokens"]["completion"] > 0
     assert report["saved_usd"]["semantic"] > 0
-    table = subprocess.run([sys.executable, "-m", "spotmesh.cli", "cost"], env=cache_mesh.env,
+    table = subprocess.run([sys.executable, "-m", "cli", "cost"], env=cache_mesh.env,
                            capture_output=True, text=True, check=True).stdout
     assert "alpha" in table and "saved by the semantic tier" in table

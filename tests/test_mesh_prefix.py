@@ -116,10 +116,16 @@ def test_engine_evictions_leave_the_index(stub, pmesh, index, tiny_model):
     replicas = [r.metrics for r in pmesh.replicas]
     assert sum(metric(m, 'spotmesh_inference_kv_events_total{kind="BlockRemoved"}')
                for m in replicas) > 0
-    matches = prefix_stub.Match(cache_pb2.MatchRequest(model="spotmesh-tiny",
-                                                       block_hashes=hashes),
-                                metadata=auth, timeout=5).matches
-    assert matches == []  # the engine evicted the oldest prompt's blocks, and said so
+
+    def matches():
+        return prefix_stub.Match(cache_pb2.MatchRequest(model="spotmesh-tiny",
+                                                        block_hashes=hashes),
+                                 metadata=auth, timeout=5).matches
+
+    # The relay forwards the engine's events asynchronously: the last BlockRemoved may still be
+    # on its way when the last request returns.
+    wait_until(lambda: not matches())
+    assert matches() == []  # the engine evicted the oldest prompt's blocks, and said so
     cache = next(p for p in pmesh.state.processes if p.role == "cache")
     assert metric(cache.metrics, 'spotmesh_prefix_cache_evicted_blocks_total{cause="engine"}') > 0
     for r in pmesh.replicas:

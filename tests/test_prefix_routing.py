@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from cli.bench.prefix_sim import Request, simulate
 from services.gateway.routing import Candidate, Weights, pick, winning_scorer
-from spotmesh.bench.prefix_sim import Request, simulate
 from spotmesh.prefix_hash import block_hashes
 from spotmesh.prefix_index import PrefixIndex
 
@@ -121,7 +121,7 @@ def test_prefix_aware_routing_beats_round_robin_and_stays_balanced():
 @pytest.mark.skipif(not TRACE.exists(), reason="../shared/data not present")
 def test_prefix_sim_on_the_mooncake_trace_meets_its_goal(tmp_path):
     out = tmp_path / "sim.json"
-    subprocess.run([sys.executable, "-m", "spotmesh.cli", "bench", "prefix-sim", "--trace",
+    subprocess.run([sys.executable, "-m", "cli", "bench", "prefix-sim", "--trace",
                     str(TRACE), "--replicas", "4", "--capacity-blocks", "4096", "--json",
                     str(out)], check=True, capture_output=True)
     doc = json.loads(out.read_text())
@@ -161,7 +161,7 @@ def test_the_translator_is_bounded():
 
 
 def test_the_live_benchmarks_workload_is_seeded_and_skewed():
-    from spotmesh.bench.prefix import workload
+    from cli.bench.prefix import workload
 
     plan = workload(20, 2000, seed=3)
     assert plan == workload(20, 2000, seed=3)

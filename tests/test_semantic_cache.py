@@ -1,6 +1,6 @@
 """SemanticCache against real Milvus: embedded milvus-lite (a temporary data directory per
 test) and a real Milvus 2.3.5 standalone server, started once for this module in its own
-network namespace (services.cache.netns_milvus) and reached through a unix socket, so it never
+network namespace (cli.netns_milvus) and reached through a unix socket, so it never
 listens on a real interface. Every test runs on both backends; the server variant is skipped,
 with the reason, only where this machine forbids creating a network namespace.
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.cache.netns_milvus import NetnsMilvus, netns_problem
+from cli.netns_milvus import NetnsMilvus, netns_problem
 from services.cache.semantic import (
     MAX_TEXT_BYTES,
     MAX_TOKEN_IDS,

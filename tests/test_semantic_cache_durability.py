@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 
-from services.cache.netns_milvus import NetnsMilvus, netns_problem
+from cli.netns_milvus import NetnsMilvus, netns_problem
 from services.cache.semantic import CacheOptions, CacheUnavailable, SemanticCache
 from services.cache.server import SemanticCacheServicer
 from spotmesh.runtime import add_servicer

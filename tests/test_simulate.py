@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from services.autoscaler import simulate
-from services.autoscaler.signals import Prices
-from services.autoscaler.simulate import (
+from cli import simulate
+from cli.bench.serve import data_dir
+from cli.simulate import (
     Arrival,
     Decision,
     FleetView,
@@ -25,7 +25,7 @@ from services.autoscaler.simulate import (
     load_spot_price,
     zone_id_prefix,
 )
-from spotmesh.bench.serve import data_dir
+from services.autoscaler.signals import Prices
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("cost_usd", "cost_per_mtok_usd", "slo_attainment", "preemptions", "replica_hours")

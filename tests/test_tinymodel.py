@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from spotmesh import tinymodel
+from cli import tinymodel
+from spotmesh import home
 
 # vLLM undoes AutoAWQ's nibble order with this permutation
 # (vllm/model_executor/layers/quantization/auto_awq.py: _REVERSE_AWQ_PACK_ORDER).
@@ -328,18 +329,20 @@ def test_default_model_dir_honours_spotmesh_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SPOTMESH_HOME", str(tmp_path))
-    assert tinymodel.default_model_dir() == tmp_path / "models" / "spotmesh-tiny"
-    assert tinymodel.default_model_dir("awq") == tmp_path / "models" / "spotmesh-tiny-awq"
+    assert home.default_model_dir() == tmp_path / "models" / "spotmesh-tiny"
+    assert home.default_model_dir("awq") == tmp_path / "models" / "spotmesh-tiny-awq"
     monkeypatch.delenv("SPOTMESH_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     expected = tmp_path / "home" / ".cache" / "spotmesh" / "models" / "spotmesh-tiny-w8a8"
-    assert tinymodel.default_model_dir("w8a8") == expected
+    assert home.default_model_dir("w8a8") == expected
 
 
 def test_ensure_default_model_builds_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPOTMESH_HOME", str(tmp_path))
+    with pytest.raises(home.DefaultModelMissing, match="spotmesh model make-tiny"):
+        home.built_default_model()
     path = tinymodel.ensure_default_model()
-    assert path == tinymodel.default_model_dir()
+    assert path == home.default_model_dir() == home.built_default_model()
     assert tinymodel.is_complete_model(path)
     mtime = (path / "model.safetensors").stat().st_mtime_ns
     assert tinymodel.ensure_default_model() == path

@@ -1,14 +1,10 @@
 """The local-process actuator: inference replicas as processes on this machine, labelled spot or
 on-demand, for ``spotmesh up --autoscale`` (and for trying the autoscaler without a cloud).
 
-Everything it knows lives in the state directory, so it is level-triggered and restart-safe::
-
-    autoscaler/instances.json   every replica it started: name, pool, pid, ready file, since
-    autoscaler/market.json      the local "spot market": {"unavailable_until": unix seconds}
-    autoscaler/notices/NAME     a reclaim notice (`spotmesh preempt` writes it)
-    replicas.json               ready replicas' addresses, which the gateway re-reads
-
-A restarted autoscaler re-reads ``instances.json`` and adopts the processes still alive. A
+Everything it knows lives in the state directory (:mod:`spotmesh.statedir`: the replicas it
+started, the local "spot market", reclaim notices that `spotmesh preempt` posts, and the ready
+replicas it publishes to the gateway), so it is level-triggered and restart-safe: a restarted
+autoscaler re-reads its record and adopts the processes still alive. A
 spot launch while the market says spot is unavailable stays *pending* (no process), as a cloud
 request does, until capacity returns or the policy gives up on it.
 """
@@ -16,49 +12,30 @@ request does, until capacity returns or the policy gives up on it.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from services.autoscaler.actuator import Actuator, Instance, Observation
-from spotmesh.files import write_atomically
-from spotmesh.mesh import pid_alive
+from spotmesh.processes import kill_group, pid_alive
 from spotmesh.runtime import fields
+from spotmesh.statedir import AutoscalerRecord, ManagedReplica, Ready, StateDir
 
 log = logging.getLogger("spotmesh.autoscaler")
 
 POOL_PREFIX = {"spot": "spot", "on-demand": "od"}
 
 
-@dataclass
-class Managed:
-    name: str
-    pool: str
-    created_at: float
-    pid: int = 0  # 0: not launched (spot capacity unavailable)
-    ready_file: str = ""
-    log: str = ""
-    draining: bool = False  # the autoscaler asked it to go
-    reclaimed: bool = False  # the "cloud" announced its reclaim (counted as a preemption)
-    address: str = ""
-    metrics: str = ""
-    warmed: bool = False  # hot prefixes replayed; only then does the gateway see it
-
-
 class LocalActuator(Actuator):
     def __init__(self, directory: Path, inference_args: list[str],
                  env: dict[str, str] | None = None, clock=time.time, warmer=None) -> None:
-        self.dir = Path(directory)
-        self.home = self.dir / "autoscaler"
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.dir / "run").mkdir(exist_ok=True)
-        (self.dir / "logs").mkdir(exist_ok=True)
+        self.state = StateDir(directory)
+        self.state.autoscaler_dir.mkdir(parents=True, exist_ok=True)
+        self.state.prepare()
         self.inference_args = list(inference_args)
         self.env = dict(env if env is not None else os.environ)
         self.clock = clock
@@ -66,7 +43,7 @@ class LocalActuator(Actuator):
         self.warmer = warmer
         self._warming: dict[str, asyncio.Task] = {}
         self._children: dict[int, subprocess.Popen] = {}  # reaped by us when ours
-        self.instances: dict[str, Managed] = {}
+        self.instances: dict[str, ManagedReplica] = {}
         self.desired: dict[str, int] = {}
         self.next_index = 0
         self.preemptions = 0
@@ -76,50 +53,35 @@ class LocalActuator(Actuator):
     # --- state --------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        path = self.home / "instances.json"
-        if not path.exists():
+        record = self.state.load_autoscaler()
+        if record is None:
             return
-        doc = json.loads(path.read_text())
-        self.instances = {m["name"]: Managed(**m) for m in doc.get("instances", [])}
-        self.desired = dict(doc.get("desired", {}))
-        self.next_index = int(doc.get("next_index", 0))
-        self.preemptions = int(doc.get("preemptions", 0))
-        self.last_preemption_at = doc.get("last_preemption_at")
+        self.instances = {m.name: m for m in record.instances}
+        self.desired = dict(record.desired)
+        self.next_index = record.next_index
+        self.preemptions = record.preemptions
+        self.last_preemption_at = record.last_preemption_at
         log.info("adopted replicas", extra=fields(
             replicas=[m.name for m in self.instances.values() if pid_alive(m.pid)]))
 
     def _save(self) -> None:
-        write_atomically(self.home / "instances.json", json.dumps({
-            "instances": [asdict(m) for m in self.instances.values()],
-            "desired": self.desired,
-            "next_index": self.next_index,
-            "preemptions": self.preemptions,
-            "last_preemption_at": self.last_preemption_at,
-        }, indent=2))
-        ready = sorted(m.address for m in self.instances.values() if m.address and m.warmed
-                       and pid_alive(m.pid))
-        path = self.dir / "replicas.json"
-        current = path.read_text() if path.exists() else ""
-        text = json.dumps(ready)
-        if text != current:
-            write_atomically(path, text)
-
-    def spot_unavailable_until(self) -> float:
-        path = self.home / "market.json"
-        try:
-            return float(json.loads(path.read_text()).get("unavailable_until", 0))
-        except (FileNotFoundError, ValueError, TypeError):
-            return 0.0
+        self.state.save_autoscaler(AutoscalerRecord(
+            instances=list(self.instances.values()), desired=self.desired,
+            next_index=self.next_index, preemptions=self.preemptions,
+            last_preemption_at=self.last_preemption_at))
+        self.state.publish_replicas(sorted(
+            m.address for m in self.instances.values()
+            if m.address and m.warmed and pid_alive(m.pid)))
 
     # --- Actuator -----------------------------------------------------------------------------
 
     async def observe(self) -> Observation:
         now = self.clock()
-        spot_ok = now >= self.spot_unavailable_until()
+        spot_ok = now >= self.state.spot_unavailable_until()
         self._reap()
         out = []
         for m in list(self.instances.values()):
-            notice = (self.home / "notices" / m.name).exists()
+            notice = self.state.has_notice(m.name)
             if m.pid == 0:
                 if m.pool == "spot" and spot_ok and not m.draining:
                     self._launch(m)  # capacity came back: the open request is filled
@@ -136,12 +98,12 @@ class LocalActuator(Actuator):
                     # Nobody here asked it to go: reclaimed without notice (or crashed). Either
                     # way the pool lost a replica it did not plan to lose.
                     self._count_loss(m, now, "exited")
-                (self.home / "notices" / m.name).unlink(missing_ok=True)
+                self.state.clear_notice(m.name)
                 del self.instances[m.name]
                 continue
-            if not m.address and m.ready_file and Path(m.ready_file).exists():
-                doc = json.loads(Path(m.ready_file).read_text())
-                m.address, m.metrics = doc["address"], doc.get("metrics", "")
+            ready = Ready.read(Path(m.ready_file)) if not m.address and m.ready_file else None
+            if ready is not None:
+                m.address, m.metrics = ready.address, ready.metrics
                 log.info("replica ready", extra=fields(replica=m.name, pool=m.pool,
                                                        address=m.address))
             if m.address and not m.warmed:
@@ -156,7 +118,7 @@ class LocalActuator(Actuator):
                            last_preemption_at=self.last_preemption_at,
                            spot_available=spot_ok)
 
-    def _count_loss(self, m: Managed, now: float, how: str) -> None:
+    def _count_loss(self, m: ManagedReplica, now: float, how: str) -> None:
         m.reclaimed = True
         if m.pool == "spot":
             self.preemptions += 1
@@ -168,7 +130,7 @@ class LocalActuator(Actuator):
         for pool, want in self.desired.items():
             live = [m for m in self.instances.values()
                     if m.pool == pool and not m.draining
-                    and not (self.home / "notices" / m.name).exists()]
+                    and not self.state.has_notice(m.name)]
             if len(live) < want:
                 for _ in range(want - len(live)):
                     self._start(pool)
@@ -194,17 +156,17 @@ class LocalActuator(Actuator):
     def _start(self, pool: str) -> None:
         name = f"{POOL_PREFIX[pool]}-{self.next_index}"
         self.next_index += 1
-        m = Managed(name=name, pool=pool, created_at=self.clock())
+        m = ManagedReplica(name=name, pool=pool, created_at=self.clock())
         self.instances[name] = m
-        if pool == "spot" and self.clock() < self.spot_unavailable_until():
+        if pool == "spot" and self.clock() < self.state.spot_unavailable_until():
             log.info("spot capacity unavailable: launch pending", extra=fields(replica=name))
             return
         self._launch(m)
 
-    def _launch(self, m: Managed) -> None:
-        ready = self.dir / "run" / f"{m.name}.json"
+    def _launch(self, m: ManagedReplica) -> None:
+        ready = self.state.ready_file(m.name)
         ready.unlink(missing_ok=True)
-        logfile = self.dir / "logs" / f"{m.name}.log"
+        logfile = self.state.log_file(m.name)
         with open(logfile, "ab") as out:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "services.inference", "--replica", m.name, "--pool",
@@ -214,7 +176,7 @@ class LocalActuator(Actuator):
         m.pid, m.ready_file, m.log = popen.pid, str(ready), str(logfile)
         log.info("replica starting", extra=fields(replica=m.name, pool=m.pool, pid=m.pid))
 
-    def _warm(self, m: Managed) -> None:
+    def _warm(self, m: ManagedReplica) -> None:
         """Replay the hottest prefixes into a new replica before the gateway sees it, so a
         scale-out does not reset the prefix hit rate. Best effort: a failure only logs."""
         if self.warmer is None:
@@ -234,7 +196,7 @@ class LocalActuator(Actuator):
         else:
             log.info("replica warmed", extra=fields(replica=m.name, prefixes=task.result()))
 
-    def _drain(self, m: Managed) -> None:
+    def _drain(self, m: ManagedReplica) -> None:
         """SIGTERM: the replica stops admitting, finishes its streams within its grace period
         and exits; the gateway sees it draining and sends it nothing new. A replica still
         starting has nothing to drain: its whole process group (the engine core included) is
@@ -251,34 +213,3 @@ class LocalActuator(Actuator):
         for pid, popen in list(self._children.items()):
             if popen.poll() is not None:
                 del self._children[pid]
-
-
-def kill_group(pid: int) -> None:
-    """SIGKILL a replica and everything it started (its engine-core process): replicas run in
-    their own session, so their process group is theirs alone."""
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def stop_all(directory: Path, grace: float = 30.0) -> None:
-    """Stop every replica the autoscaler started (``spotmesh up`` on Ctrl-C, after the
-    autoscaler itself has stopped)."""
-    path = Path(directory) / "autoscaler" / "instances.json"
-    if not path.exists():
-        return
-    pids = [m["pid"] for m in json.loads(path.read_text()).get("instances", [])
-            if pid_alive(m["pid"])]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids:
-        if pid_alive(pid):
-            kill_group(pid)
-    path.unlink(missing_ok=True)

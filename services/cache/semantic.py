@@ -62,6 +62,7 @@ import grpc
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from spotmesh.statedir import StateDir, state_dir
 from spotmesh.validation import TENANT_ID, InvalidField
 
 # --- the contract's bounds (protos/spotmesh/v1/cache.proto) ----------------------------------
@@ -782,6 +783,4 @@ def _hit(e: dict, similarity: float) -> Hit:
 
 def default_uri(state: str | os.PathLike | None = None) -> str:
     """milvus-lite under the spotmesh state directory: a restarted cache keeps its answers."""
-    from spotmesh.mesh import state_dir
-
-    return str(state_dir(str(state) if state else None) / "semantic-cache" / "cache.db")
+    return StateDir(state_dir(str(state) if state else None)).standalone_semantic_cache_uri

@@ -17,7 +17,7 @@ MAX_TEXT_BYTES = 64 * 1024
 DEFAULT_MAX_MESSAGE_BYTES = MAX_TEXTS * (MAX_TEXT_BYTES + 16) + (64 << 10)
 
 # The default is chosen by cache precision first, then speed. Measured with 1 thread on a 2-core
-# AMD EPYC (`python -m services.embedder.measure`, benchmarks/results/embedder-backends.json);
+# AMD EPYC (`python -m cli.measure.embedder`, benchmarks/results/embedder-backends.json);
 # Banking77: 2000 test queries vs N stored train queries per intent (10 intents held out as
 # out-of-scope), hit rate at the lowest threshold with precision >= 0.97, mean of 5 draws:
 #

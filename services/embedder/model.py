@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from spotmesh.files import publish_directory
+from spotmesh.home import home
 from spotmesh.runtime import fields
 
 log = logging.getLogger("spotmesh.embedder")
@@ -107,9 +108,7 @@ def default_model_dir() -> Path:
 
 
 def default_cache_dir() -> Path:
-    home = os.environ.get("SPOTMESH_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "spotmesh"
-    return base / "embedder"
+    return home() / "embedder"
 
 
 def model_name(model_dir: Path) -> str:

@@ -14,6 +14,7 @@ from services.gateway.prefix import PrefixRouter
 from services.gateway.replicas import ReplicaSet
 from services.gateway.semantic import SemanticCacheClient
 from services.gateway.server import GatewayServicer
+from spotmesh.home import DEFAULT_MODEL_NAME, DefaultModelMissing, built_default_model
 from spotmesh.runtime import ServerProcess, add_servicer, run, setup_logging
 from spotmesh.v1 import gateway_pb2
 
@@ -27,9 +28,11 @@ async def main(cfg: GatewayConfig) -> None:
         log.error(str(exc))
         sys.exit(2)
     if not cfg.models:
-        from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
-
-        cfg.models = {DEFAULT_MODEL_NAME: str(ensure_default_model())}
+        try:
+            cfg.models = {DEFAULT_MODEL_NAME: str(built_default_model())}
+        except DefaultModelMissing as exc:
+            log.error(str(exc))
+            sys.exit(2)
     catalog = ModelCatalog(cfg.models)
     prefix = PrefixRouter(cfg.prefix_cache, cfg.cache_token, cfg.prefix_mode,
                           timeout_seconds=cfg.prefix_timeout_seconds,

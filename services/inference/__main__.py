@@ -10,6 +10,7 @@ import tempfile
 from services.inference.config import EngineConfig, InferenceConfig, parse
 from services.inference.engine import Engine, EngineError
 from services.inference.server import InferenceServicer
+from spotmesh.home import DEFAULT_MODEL_NAME, DefaultModelMissing, built_default_model
 from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import inference_pb2
 
@@ -20,9 +21,10 @@ def build_engine(cfg: EngineConfig) -> Engine:
     """The engine named by the config, with the model it should load."""
     model = cfg.model
     if not model:
-        from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
-
-        model = str(ensure_default_model(cfg.quantization or None))
+        try:
+            model = str(built_default_model(cfg.quantization or None))
+        except (DefaultModelMissing, ValueError) as exc:
+            raise EngineError(str(exc)) from None
         # vLLM reads the quantization method from the checkpoint; the flag only chose which
         # tiny variant to build.
         cfg.quantization = ""

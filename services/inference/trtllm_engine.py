@@ -44,7 +44,7 @@ from services.inference.engine import (
     RequestRejected,
     Sampling,
 )
-from spotmesh.gpu import gpu_utilization
+from services.inference.gpu import gpu_utilization
 from spotmesh.runtime import cancel_and_wait, fields
 
 log = logging.getLogger("spotmesh.inference")

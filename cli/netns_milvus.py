@@ -15,7 +15,7 @@ its stdin closes, so a parent that is SIGKILLed takes the server with it.
 
 Run directly (inside the namespace; :class:`NetnsMilvus` does this)::
 
-    unshare --net --pid --fork --kill-child python -m services.cache.netns_milvus \\
+    unshare --net --pid --fork --kill-child python -m cli.netns_milvus \\
         --data DIR --socket PATH
 """
 
@@ -78,14 +78,14 @@ class NetnsMilvus:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.socket_path.unlink(missing_ok=True)
         log = open(self.data_dir / "netns-helper.log", "ab")  # the child's stderr
-        # The repository root, so `-m services.cache.netns_milvus` resolves however the
+        # The repository root, so `-m cli.netns_milvus` resolves however the
         # caller's working directory is set.
-        root = str(Path(__file__).resolve().parents[2])
+        root = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--pid", "--fork", "--kill-child",
-             sys.executable, "-m", "services.cache.netns_milvus",
+             sys.executable, "-m", "cli.netns_milvus",
              "--data", str(self.data_dir), "--socket", str(self.socket_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, cwd=root,
         )
@@ -215,7 +215,7 @@ def _inside(data_dir: str, socket_path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m services.cache.netns_milvus", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cli.netns_milvus", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="Milvus data directory")
     p.add_argument("--socket", required=True, help="unix socket path to forward from")

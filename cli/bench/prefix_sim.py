@@ -13,6 +13,7 @@ replica from arrival until its uncached prompt tokens are prefilled and its outp
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import json
 import random
@@ -118,7 +119,7 @@ def simulate(reqs: list[Request], policy: str, n: int, capacity: int,
 
 
 def main(a) -> int:
-    from spotmesh.bench.serve import data_dir
+    from cli.bench.serve import data_dir
 
     path = a.trace
     if not path:
@@ -156,3 +157,20 @@ def main(a) -> int:
         Path(a.json).write_text(json.dumps(doc, indent=2))
         print(f"wrote {a.json}")
     return 0
+
+
+def add_parser(bench: argparse._SubParsersAction) -> None:
+    bp = bench.add_parser("prefix-sim", help="prefix-aware routing replayed on a trace of "
+                                             "block hashes (simulated KV caches)")
+    bp.add_argument("--trace", default="",
+                    help="Mooncake-format JSONL (default: ../shared/data/prefix_cache/"
+                         "mooncake_fast25_synthetic_trace.jsonl)")
+    bp.add_argument("--replicas", type=int, default=4)
+    bp.add_argument("--capacity-blocks", type=int, default=4096)
+    bp.add_argument("--prefix-weight", type=float, default=1.0)
+    bp.add_argument("--queue-weight", type=float, default=1.0)
+    bp.add_argument("--kv-weight", type=float, default=0.2)
+    bp.add_argument("--queue-tolerance", type=float, default=4.0,
+                    help="queued requests that cancel a full prefix match")
+    bp.add_argument("--json", default="")
+    bp.set_defaults(fn=main)

@@ -1,132 +1,23 @@
-"""A whole mesh as local processes: what ``spotmesh up`` runs and ``spotmesh status`` reads.
+"""A whole mesh as local processes: what ``spotmesh up`` runs.
 
 Every process is a real server on a loopback port it picks itself and reports through a ready
 file, so meshes never race for ports and several can run side by side, each in its own state
-directory (``SPOTMESH_STATE_DIR``). The state directory holds::
-
-    mesh.json       the running processes (what `spotmesh status` prints)
-    keys.toml       the development API key (unless --api-keys names another file)
-    replicas.json   replica addresses, re-read by the gateway as replicas come and go
-    run/*.json      each process's ready file; logs/*.log each process's output
+directory (``SPOTMESH_STATE_DIR``; its files are :mod:`spotmesh.statedir`'s).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-STATE_ENV = "SPOTMESH_STATE_DIR"
-
-
-def state_dir(explicit: str | None = None) -> Path:
-    if explicit:
-        return Path(explicit)
-    if os.environ.get(STATE_ENV):
-        return Path(os.environ[STATE_ENV])
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "spotmesh" / "default"
-
-
-@dataclass
-class ProcessInfo:
-    role: str  # "gateway" | "inference"
-    replica: str  # the id in served_by.replica, for inference; "" otherwise
-    pid: int
-    address: str
-    pool: str  # "spot" | "on-demand" for inference; "" otherwise
-    metrics: str = ""
-    log: str = ""
-
-
-@dataclass
-class MeshState:
-    supervisor_pid: int
-    api_keys: str
-    processes: list[ProcessInfo] = field(default_factory=list)
-
-    def save(self, directory: Path) -> None:
-        tmp = directory / "mesh.json.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(tmp, directory / "mesh.json")
-
-    @classmethod
-    def load(cls, directory: Path) -> MeshState | None:
-        try:
-            doc = json.loads((directory / "mesh.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        procs = [ProcessInfo(**p) for p in doc.pop("processes", [])]
-        return cls(processes=procs, **doc)
-
-    def gateway(self) -> ProcessInfo | None:
-        return next((p for p in self.processes if p.role == "gateway"), None)
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:  # 0 and negatives name process groups, not a process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) is not alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
-def health_of(address: str, timeout: float = 1.0) -> str:
-    """SERVING / NOT_SERVING from the standard gRPC health service, or UNREACHABLE."""
-    try:
-        with grpc.insecure_channel(address) as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout
-            )
-            return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
-    except grpc.RpcError:
-        return "UNREACHABLE"
-
-
-def write_dev_keys(path: Path) -> str:
-    """A fresh development key, readable only by this user."""
-    key = "sk-dev-" + secrets.token_urlsafe(18)
-    path.write_text(
-        "# Written by `spotmesh up` for local development; pass --api-keys for real keys.\n"
-        f'[[keys]]\ntenant = "dev"\nkey = "{key}"\nmodels = ["*"]\nadmin = true\n\n'
-        "[tenants.dev]\n"
-        "# The tiny model never emits end-of-sequence under greedy decoding, so every answer\n"
-        "# ends at max_tokens; caching those is what lets the development mesh show hits.\n"
-        "cache_truncated = true\n"
-    )
-    path.chmod(0o600)
-    return key
-
-
-def read_dev_key(path: Path) -> str | None:
-    import tomllib
-
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    for entry in doc.get("keys", []):
-        if "key" in entry:
-            return str(entry["key"])
-    return None
+from spotmesh.metrics import metric_sum, read_metrics
+from spotmesh.processes import kill_group, pid_alive
+from spotmesh.statedir import STATE_ENV, MeshState, ProcessInfo, Ready, StateDir
 
 
 @dataclass
@@ -163,6 +54,7 @@ class LocalMesh:
         log=print,
     ) -> None:
         self.dir = directory
+        self.state_dir = StateDir(directory)
         self.n_replicas = replicas
         self.spot_replicas = spot_replicas
         self.port = port
@@ -206,15 +98,15 @@ class LocalMesh:
         env["PYTHONUNBUFFERED"] = "1"
         # The cache tier's tokens reach every process through the environment: kept out of
         # `ps`, and safe for values that begin with "-" (which a flag parser would misread).
-        service, admin = self._cache_tokens()
+        service, admin = self.state_dir.cache_tokens()
         env["SPOTMESH_CACHE_TOKEN"] = service
         env["SPOTMESH_CACHE_ADMIN_TOKEN"] = admin
         return env
 
     def _spawn(self, role: str, name: str, args: list[str], pool: str = "") -> Child:
-        ready = self.dir / "run" / f"{name}.json"
+        ready = self.state_dir.ready_file(name)
         ready.unlink(missing_ok=True)
-        logfile = self.dir / "logs" / f"{name}.log"
+        logfile = self.state_dir.log_file(name)
         out = open(logfile, "ab")
         module = f"services.{role}"
         popen = subprocess.Popen(
@@ -242,10 +134,9 @@ class LocalMesh:
                 self.log(f"  still starting ({time.monotonic() - started:.0f}s): {names}")
                 next_progress += 10
             for c in list(pending):
-                if c.ready_file.exists():
-                    doc = json.loads(c.ready_file.read_text())
-                    c.info.address = doc["address"]
-                    c.info.metrics = doc.get("metrics", "")
+                ready = Ready.read(c.ready_file)
+                if ready is not None:
+                    c.info.address, c.info.metrics = ready.address, ready.metrics
                     pending.remove(c)
                     self.log(f"  {c.info.role} {c.info.replica or ''} ready at {c.info.address}")
                 elif c.popen.poll() is not None:
@@ -261,17 +152,16 @@ class LocalMesh:
                 time.sleep(0.2)
 
     def start(self, timeout: float = 300.0) -> MeshState:
-        for sub in ("run", "logs"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        existing = MeshState.load(self.dir)
+        self.state_dir.prepare()
+        existing = self.state_dir.load_mesh()
         if existing and pid_alive(existing.supervisor_pid):
             raise RuntimeError(
                 f"a mesh is already running from {self.dir} (supervisor pid "
                 f"{existing.supervisor_pid}); stop it or set {STATE_ENV} to run another"
             )
-        keys = Path(self.api_keys) if self.api_keys else self.dir / "keys.toml"
+        keys = Path(self.api_keys) if self.api_keys else self.state_dir.keys_file
         if not self.api_keys:
-            self.dev_key = write_dev_keys(keys)
+            self.dev_key = self.state_dir.write_dev_keys()
         self.state = MeshState(supervisor_pid=os.getpid(), api_keys=str(keys))
 
         self.log(f"starting {self.n_replicas} inference replica(s) "
@@ -299,11 +189,9 @@ class LocalMesh:
         self.children.extend(replicas)
         self._publish()
         self._wait_ready([c for c in support if not c.info.address] + replicas, timeout)
-        replicas_file = self.dir / "replicas.json"
+        replicas_file = self.state_dir.replicas_file
         if not self.autoscale:
-            tmp = replicas_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps([c.info.address for c in replicas]))
-            os.replace(tmp, replicas_file)
+            self.state_dir.publish_replicas([c.info.address for c in replicas])
 
         gw_args = ["--port", str(self.port), "--api-keys", str(keys),
                    "--model", f"{self.served_model_name}={self.model}",
@@ -341,14 +229,10 @@ class LocalMesh:
         self._publish()
         # Up means serving: wait for the autoscaler's first replica.
         started = time.monotonic()
-        replicas_file = self.dir / "replicas.json"
         next_progress = started + 10
         while True:
-            try:
-                if json.loads(replicas_file.read_text()) and _gateway_sees_a_replica(gateway):
-                    break
-            except (FileNotFoundError, ValueError):
-                pass
+            if self.state_dir.replicas() and _gateway_sees_a_replica(gateway):
+                break
             if autoscaler.popen.poll() is not None:
                 raise RuntimeError(f"the autoscaler exited with {autoscaler.popen.returncode};"
                                    f" see {autoscaler.info.log}")
@@ -362,17 +246,6 @@ class LocalMesh:
             time.sleep(0.2)
         self.log("  autoscaler ready; first replica serving")
 
-    def _cache_tokens(self) -> tuple[str, str]:
-        """The gateway's service token and the operator's admin token for the cache, kept in
-        the state directory so a restarted mesh (and `spotmesh` tools) reuse them."""
-        path = self.dir / "cache-tokens.json"
-        if not path.exists():
-            path.write_text(json.dumps({"service": secrets.token_urlsafe(24),
-                                        "admin": secrets.token_urlsafe(24)}))
-            path.chmod(0o600)
-        doc = json.loads(path.read_text())
-        return doc["service"], doc["admin"]
-
     def _spawn_cache_tier(self) -> list[Child]:
         """[embedder, cache] with the semantic cache, [cache] (the prefix index) without."""
         if not self.semantic_cache:
@@ -381,10 +254,12 @@ class LocalMesh:
             return tier
         embedder = self._spawn("embedder", "embedder", ["--port", "0"])
         # The Milvus data lives in the state directory: a restarted mesh keeps its answers.
-        (self.dir / "cache").mkdir(exist_ok=True)
+        uri = self.cache_milvus_uri or self.state_dir.semantic_cache_uri
+        if not self.cache_milvus_uri:
+            Path(uri).parent.mkdir(exist_ok=True)
         cache = self._spawn("cache", "cache", [
             "--port", "0",
-            "--milvus-uri", self.cache_milvus_uri or str(self.dir / "cache" / "milvus.db"),
+            "--milvus-uri", uri,
             *self.cache_args])
         tier = [embedder, cache]
         self.children.extend(tier)
@@ -393,7 +268,7 @@ class LocalMesh:
     def _publish(self) -> None:
         assert self.state is not None
         self.state.processes = [c.info for c in self.children]
-        self.state.save(self.dir)
+        self.state_dir.save_mesh(self.state)
 
     def watch(self, stop_requested) -> None:
         """Block until ``stop_requested()``; report children that die on their own, and
@@ -449,17 +324,12 @@ class LocalMesh:
             if group and group[0].info.role == "autoscaler":
                 # Its replicas outlive it by design (a restarted autoscaler adopts them); the
                 # mesh stopping is what ends them.
-                from services.autoscaler.local import stop_all
-
-                stop_all(self.dir, grace)
-        (self.dir / "mesh.json").unlink(missing_ok=True)
-        (self.dir / "replicas.json").unlink(missing_ok=True)
+                stop_autoscaled_replicas(self.state_dir, grace)
+        self.state_dir.clear_mesh()
 
 
 def _gateway_sees_a_replica(gateway: Child) -> bool:
     """The gateway has polled a replica and may route to it (its replicas gauge)."""
-    from spotmesh.metrics import metric_sum, read_metrics
-
     try:
         samples = read_metrics(gateway.info.metrics, timeout=2)
     except OSError:
@@ -467,40 +337,22 @@ def _gateway_sees_a_replica(gateway: Child) -> bool:
     return metric_sum(samples, "spotmesh_gateway_replicas", state="available") >= 1
 
 
-def status(directory: Path) -> dict:
-    """The running mesh as ``spotmesh status`` prints it."""
-    state = MeshState.load(directory)
-    if state is None or not pid_alive(state.supervisor_pid):
-        return {"state_dir": str(directory), "running": False, "processes": []}
-    procs = []
-    for p in state.processes:
-        alive = pid_alive(p.pid)
-        procs.append({
-            "role": p.role,
-            "replica": p.replica,
-            "pid": p.pid,
-            "address": p.address,
-            "pool": p.pool,
-            "metrics": p.metrics,
-            "health": health_of(p.address) if alive and p.address else
-            ("STARTING" if alive else "EXITED"),
-        })
-    managed = directory / "autoscaler" / "instances.json"
-    if managed.exists():
+def stop_autoscaled_replicas(state: StateDir, grace: float = 30.0) -> None:
+    """Stop every replica the autoscaler started (after the autoscaler itself has stopped):
+    SIGTERM, the grace period to drain, then their whole process groups."""
+    record = state.load_autoscaler()
+    if record is None:
+        return
+    pids = [m.pid for m in record.instances if pid_alive(m.pid)]
+    for pid in pids:
         try:
-            instances = json.loads(managed.read_text()).get("instances", [])
-        except ValueError:
-            instances = []
-        for m in instances:
-            alive = pid_alive(m["pid"]) if m["pid"] else False
-            procs.append({
-                "role": "inference", "replica": m["name"], "pid": m["pid"],
-                "address": m["address"], "pool": m["pool"], "metrics": m["metrics"],
-                "managed_by": "autoscaler",
-                "health": ("DRAINING" if m["draining"] else
-                           health_of(m["address"]) if alive and m["address"] else
-                           "STARTING" if alive else
-                           "PENDING" if not m["pid"] else "EXITED"),
-            })
-    return {"state_dir": str(directory), "running": True, "api_keys": state.api_keys,
-            "processes": procs}
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if pid_alive(pid):
+            kill_group(pid)
+    state.clear_autoscaler()

@@ -1,5 +1,5 @@
 """Measure the encoder backends on real data, to choose the embedder's default by precision as
-well as speed: ``python -m services.embedder.measure [--json FILE]``.
+well as speed: ``python -m cli.measure.embedder [--json FILE]``.
 
 A faster backend is only worth having if the semantic cache built on it stays as precise. Per
 backend this measures:
@@ -368,7 +368,7 @@ def choose_default(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m services.embedder.measure",
+        prog="python -m cli.measure.embedder",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         doc = {
             "benchmark": "embedder-backends",
-            "command": "python -m services.embedder.measure " + " ".join(argv or sys.argv[1:]),
+            "command": "python -m cli.measure.embedder " + " ".join(argv or sys.argv[1:]),
             "machine": {
                 "cpus": os.cpu_count(),
                 "cpu": _cpu_model(),

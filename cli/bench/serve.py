@@ -10,6 +10,7 @@ tiny model always runs to ``max_tokens``, so both sides produce the same number 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -20,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spotmesh.bench import latency_ms
+from cli.bench import latency_ms
 
 DEFAULT_PROMPTS = "prefix_cache/awesome_chatgpt_system_prompts.jsonl"
 
@@ -177,14 +178,15 @@ async def run_mesh(address: str, key: str, prompts, levels, n_for, max_tokens,
 
 
 def main(a) -> int:
+    from cli.supervisor import LocalMesh
+    from cli.tinymodel import ensure_default_model
     from services.inference.config import EngineConfig
-    from spotmesh.mesh import LocalMesh
-    from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
+    from spotmesh.home import DEFAULT_MODEL_NAME
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # The same vLLM process layout on both sides (see spotmesh.mesh.LocalMesh._env).
+    # The same vLLM process layout on both sides (see cli.supervisor.LocalMesh._env).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     try:
         levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
@@ -263,3 +265,19 @@ def main(a) -> int:
         print(f"\nwrote {a.json}")
     errors = sum(r["mesh"]["errors"] + r["direct"]["errors"] for r in runs)
     return 1 if errors else 0
+
+
+def add_parser(bench: argparse._SubParsersAction) -> None:
+    bs = bench.add_parser("serve", help="through-mesh vs engine-direct tokens/s and TTFT")
+    bs.add_argument("--concurrency", default="1,8,32")
+    bs.add_argument("--requests", type=int, default=0,
+                    help="requests per concurrency level (default 4x concurrency, >= 16)")
+    bs.add_argument("--max-tokens", type=int, default=64)
+    bs.add_argument("--stream-interval", type=int, default=1,
+                    help="vLLM stream_interval on both sides (tokens per streamed chunk)")
+    bs.add_argument("--prompts", default="",
+                    help="JSONL of prompts (default: ../shared/data/prefix_cache/"
+                         "awesome_chatgpt_system_prompts.jsonl when present)")
+    bs.add_argument("--json", default="", help="write the results here")
+    bs.add_argument("--model", default="")
+    bs.set_defaults(fn=main)

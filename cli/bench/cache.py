@@ -10,6 +10,7 @@ with ``--prefill`` unrelated entries (random unit vectors) so lookups search a r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from spotmesh.bench import latency_ms
-from spotmesh.bench.serve import data_dir
-from spotmesh.tinymodel import DEFAULT_MODEL_NAME
+from cli.bench import latency_ms
+from cli.bench.serve import data_dir
+from spotmesh.home import DEFAULT_MODEL_NAME
 
 DEFAULT_INTENTS = "semantic_cache/banking77_intents.csv"
 
@@ -156,9 +157,9 @@ async def _run(a, mesh_state, key: str, cache_token: str, seeds, rest, dim: int)
 
 
 def main(a) -> int:
+    from cli.supervisor import LocalMesh
+    from cli.tinymodel import ensure_default_model
     from services.gateway.auth import DEFAULT_CACHE_THRESHOLD
-    from spotmesh.mesh import LocalMesh
-    from spotmesh.tinymodel import ensure_default_model
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = a.intents
@@ -167,7 +168,7 @@ def main(a) -> int:
         if d is None:
             raise SystemExit("no data: pass --intents FILE (../shared/data not found)")
         path = str(d / DEFAULT_INTENTS)
-    from services.cache.calibrate import load_intents
+    from cli.calibrate import load_intents
 
     texts, intents = load_intents(path, a.split, seed=a.seed)
     names = sorted(set(intents))
@@ -186,7 +187,7 @@ def main(a) -> int:
     with tempfile.TemporaryDirectory(prefix="spotmesh-bench-cache-") as state:
         server = None
         if a.milvus_server:
-            from services.cache.netns_milvus import NetnsMilvus
+            from cli.netns_milvus import NetnsMilvus
 
             print("starting a Milvus 2.3.5 server in its own network namespace...",
                   file=sys.stderr, flush=True)
@@ -205,7 +206,7 @@ def main(a) -> int:
                          log=lambda m: print(m, file=sys.stderr, flush=True))
         try:
             mesh_state = mesh.start()
-            token = mesh._cache_tokens()[0]
+            token = mesh.state_dir.cache_tokens()[0]
             result = asyncio.run(_run(a, mesh_state, key, token, seeds, rest, a.dim))
         finally:
             mesh.stop()
@@ -232,3 +233,32 @@ def main(a) -> int:
         Path(a.json).write_text(json.dumps(doc, indent=2))
         print(f"wrote {a.json}")
     return 0
+
+
+def add_parser(bench: argparse._SubParsersAction) -> None:
+    bc = bench.add_parser("cache", help="semantic-cache hit rate, precision and latency on "
+                                        "labelled queries, through a mesh")
+    bc.add_argument("--intents", default="",
+                    help="Banking77-style CSV split,intent,text (default: ../shared/data/"
+                         "semantic_cache/banking77_intents.csv)")
+    bc.add_argument("--split", default="test")
+    bc.add_argument("--queries", type=int, default=1000, help="queries after the seeds")
+    bc.add_argument("--prefill", type=int, default=10000, help="unrelated entries cached first")
+    bc.add_argument("--threshold", type=float, default=0.0,
+                    help="the tenant's similarity threshold (default: spotmesh's)")
+    bc.add_argument("--oos-intents", type=int, default=10,
+                    help="intents held out of the seeds (out-of-scope questions)")
+    bc.add_argument("--max-tokens", type=int, default=24)
+    bc.add_argument("--dim", type=int, default=384, help="embedding dimension")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--milvus-server", action="store_true",
+                    help="back the cache with a real Milvus 2.3.5 server (the `milvus` "
+                         "package, in its own network namespace) instead of milvus-lite")
+    bc.add_argument("--lookup-consistency", default="",
+                    choices=["", "Session", "Bounded", "Eventually", "Strong"],
+                    help="the cache's lookup consistency on a Milvus server (default: what "
+                         "spotmesh up uses, Bounded)")
+    bc.add_argument("--cache-args", default="",
+                    help="more flags for the cache process, e.g. '--flush-every 32'")
+    bc.add_argument("--json", default="")
+    bc.set_defaults(fn=main)

@@ -1,7 +1,7 @@
 """Measure the semantic cache where it matters for a request: a filtered top-1 lookup, and a
 store, at 1k / 10k / 100k entries, on embedded milvus-lite and on a real Milvus 2.3.5 server.
 
-    python -m services.cache.measure --sizes 1000,10000 --json out.json
+    python -m cli.measure.cache --sizes 1000,10000 --json out.json
 
 Entries are random unit vectors (384-d, like all-MiniLM-L6-v2) spread over a handful of
 tenants; every lookup filters on tenant, model, fingerprint and expiry, as the service does.
@@ -12,7 +12,7 @@ one batched insert per 1000 entries, flushed, and left to settle before timing: 
 until the index covers every row, on milvus-lite until its background compaction is done (while
 it runs, lookups at 100k stall for up to seconds; these numbers are the steady state).
 
-The server runs in its own network namespace (``services.cache.netns_milvus``); its
+The server runs in its own network namespace (``cli.netns_milvus``); its
 measurement runs inside that namespace (``nsenter``) against ``http://127.0.0.1:19530``, so
 the numbers hold no forwarding hop. Progress goes to stderr; a table and JSON to stdout.
 """
@@ -158,7 +158,7 @@ def _run_lite(sizes: list[int], a: argparse.Namespace) -> list[dict]:
 
 
 def _run_server(sizes: list[int], a: argparse.Namespace) -> list[dict]:
-    from services.cache.netns_milvus import NetnsMilvus
+    from cli.netns_milvus import NetnsMilvus
 
     out = []
     with tempfile.TemporaryDirectory(prefix="spotmesh-measure-milvus-") as d:
@@ -166,7 +166,7 @@ def _run_server(sizes: list[int], a: argparse.Namespace) -> list[dict]:
         with NetnsMilvus(Path(d)) as server:
             for size in sizes:
                 _progress(f"Milvus 2.3.5 server, {size} entries")
-                cmd = [*server.nsenter_prefix(), sys.executable, "-m", "services.cache.measure",
+                cmd = [*server.nsenter_prefix(), sys.executable, "-m", "cli.measure.cache",
                        "--inside", f"http://127.0.0.1:{server.port}", "--sizes", str(size),
                        "--tenants", str(a.tenants), "--lookups", str(a.lookups),
                        "--stores", str(a.stores), "--seed", str(a.seed)]
@@ -188,7 +188,7 @@ def table(results: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m services.cache.measure", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cli.measure.cache", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="1000,10000,100000")
     p.add_argument("--backends", default="lite,server", help="comma list of lite, server")

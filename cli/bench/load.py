@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from spotmesh.bench import latency_ms
-from spotmesh.bench.serve import data_dir, load_prompts, process_cpu_seconds
+from cli.bench import latency_ms
+from cli.bench.serve import data_dir, load_prompts, process_cpu_seconds
 from spotmesh.metrics import Sample, metric_sum, read_metrics
 
 DEFAULT_TRACE = "traces/azure_llm_2023_conv.csv"
@@ -242,7 +242,7 @@ def target(a, model_dir: str, served_name: str, stream_interval: int | None) -> 
     if a.address:
         yield Target(a.address, a.api_key, a.gateway_pid or None, a.gateway_metrics)
         return
-    from spotmesh.mesh import LocalMesh
+    from cli.supervisor import LocalMesh
 
     with tempfile.TemporaryDirectory(prefix="spotmesh-bench-load-") as state:
         mesh = LocalMesh(
@@ -862,7 +862,8 @@ def context_tokens(model_dir: str) -> int:
 
 
 def main(a) -> int:
-    from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
+    from cli.tinymodel import ensure_default_model
+    from spotmesh.home import DEFAULT_MODEL_NAME
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -936,8 +937,15 @@ def main(a) -> int:
     return 1 if errors else 0
 
 
+def add_parser(bench: argparse._SubParsersAction) -> None:
+    ld = bench.add_parser("load", help="many concurrent streams, or a real arrival trace, "
+                                       "through one gateway")
+    add_arguments(ld)
+    ld.set_defaults(fn=main)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m spotmesh.bench.load", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cli.bench.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

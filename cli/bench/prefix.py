@@ -15,6 +15,7 @@ by client-side time to first token.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -25,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from spotmesh.bench import latency_ms
-from spotmesh.bench.serve import DEFAULT_PROMPTS, _closed_loop, data_dir
+from cli.bench import latency_ms
+from cli.bench.serve import DEFAULT_PROMPTS, _closed_loop, data_dir
 from spotmesh.metrics import metric_sum, read_metrics
 
 POLICIES = {
@@ -159,7 +160,7 @@ async def drive(address: str, key: str, systems: list[str], plan: list[tuple[int
 
 
 def run_policy(name: str, a, model_dir: str, served_name: str, systems, plan) -> dict:
-    from spotmesh.mesh import LocalMesh
+    from cli.supervisor import LocalMesh
 
     routing, mode = POLICIES[name]
     print(f"{name}: starting {a.replicas} replicas ({routing} routing, {mode})",
@@ -194,7 +195,8 @@ def run_policy(name: str, a, model_dir: str, served_name: str, systems, plan) ->
 def main(a) -> int:
     from transformers import AutoTokenizer
 
-    from spotmesh.tinymodel import DEFAULT_MODEL_NAME, ensure_default_model
+    from cli.tinymodel import ensure_default_model
+    from spotmesh.home import DEFAULT_MODEL_NAME
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     policies = a.policies.split(",") if a.policies else list(POLICIES)
@@ -261,3 +263,30 @@ def main(a) -> int:
         Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {a.json}")
     return 0 if all(r["errors"] == 0 for r in results.values()) else 1
+
+
+def add_parser(bench: argparse._SubParsersAction) -> None:
+    bl = bench.add_parser("prefix", help="prefix-aware vs round-robin routing through live "
+                                         "meshes (vLLM's own prefix-cache counters, TTFT)")
+    bl.add_argument("--replicas", type=int, default=2)
+    bl.add_argument("--kv-capacity-blocks", type=int, default=96,
+                    help="KV blocks per replica (128 tokens each on CPU)")
+    bl.add_argument("--system-prompts", type=int, default=48,
+                    help="distinct system prompts (of 256-1200 tokens) in the workload")
+    bl.add_argument("--min-prompt-tokens", type=int, default=256)
+    bl.add_argument("--max-prompt-tokens", type=int, default=1200)
+    bl.add_argument("--block-size", type=int, default=128,
+                    help="the engines' KV block size (vLLM CPU: 128), for the ideal hit ratio")
+    bl.add_argument("--requests", type=int, default=400)
+    bl.add_argument("--concurrency", type=int, default=4)
+    bl.add_argument("--max-tokens", type=int, default=8)
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--policies", default="",
+                    help="comma-separated subset of prefix_approximate, prefix_precise, "
+                         "round_robin (default: all)")
+    bl.add_argument("--prompts", default="",
+                    help="JSONL with a 'prompt' field (default: ../shared/data/prefix_cache/"
+                         "awesome_chatgpt_system_prompts.jsonl)")
+    bl.add_argument("--model", default="")
+    bl.add_argument("--json", default="")
+    bl.set_defaults(fn=main)
