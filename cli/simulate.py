@@ -74,6 +74,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from cli.stats import percentile
 from services.autoscaler.actuator import reclaim_admit_seconds
 from services.autoscaler.policy import PolicyConfig, PolicyState, plan
 from services.autoscaler.signals import (
@@ -1284,13 +1285,6 @@ class Scenario:
                 for i in self.indices()]
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    v = sorted(values)
-    return v[min(len(v) - 1, round(q * (len(v) - 1)))]
-
-
 def run_scenario(sc: Scenario, policies: Sequence[str],
                  log: Callable[[str], None] = lambda s: None) -> dict:
     """Simulate every policy on every window; return the report (the JSON document)."""
@@ -1391,10 +1385,10 @@ def _report(sc: Scenario, results: dict[str, list[WindowResult]], static: int,
             "requests_unfinished": sum(r.unfinished for r in windows),
             "resumed_requests": sum(r.resumed for r in windows),
             "tokens": {"prompt": tokens_prompt, "output": tokens_output},
-            "ttft_s": {"p50": _round(_percentile(ttft, 0.5)),
-                       "p99": _round(_percentile(ttft, 0.99)),
+            "ttft_s": {"p50": _round(percentile(ttft, 0.5)),
+                       "p99": _round(percentile(ttft, 0.99)),
                        "max": _round(max(ttft) if ttft else None)},
-            "queue_wait_s_p99": _round(_percentile(waits, 0.99)),
+            "queue_wait_s_p99": _round(percentile(waits, 0.99)),
             "launches": {"spot": sum(r.launches["spot"] for r in windows),
                          "on_demand": sum(r.launches["on-demand"] for r in windows)},
             "per_window_cost_usd": [round(r.cost_usd, 3) for r in windows],
@@ -1579,7 +1573,7 @@ def write_plot(report: dict, path: str) -> None:
                 per_min.setdefault(int(arrival // 60), []).append(ttft)
             mins = sorted(per_min)
             axt.plot([w * hours + (m + 0.5) / 60.0 for m in mins],
-                     [_percentile(per_min[m], 0.99) for m in mins], color="black", lw=0.6,
+                     [percentile(per_min[m], 0.99) for m in mins], color="black", lw=0.6,
                      label="TTFT p99 per minute (s)" if w == 0 else None)
         axt.axhline(report["parameters"]["slo_ttft_s"], color="grey", ls="--", lw=0.6)
         axt.set_yscale("log")

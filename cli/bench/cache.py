@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.bench import latency_ms
 from cli.bench.serve import data_dir
+from cli.stats import latency_ms
 from spotmesh.home import DEFAULT_MODEL_NAME
 
 DEFAULT_INTENTS = "semantic_cache/banking77_intents.csv"

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from cli.bench import latency_ms
 from cli.bench.serve import data_dir, load_prompts, process_cpu_seconds
+from cli.stats import latency_ms
 from spotmesh.metrics import Sample, metric_sum, read_metrics
 
 DEFAULT_TRACE = "traces/azure_llm_2023_conv.csv"

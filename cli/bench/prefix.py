@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli.bench import latency_ms
 from cli.bench.serve import DEFAULT_PROMPTS, _closed_loop, data_dir
+from cli.stats import latency_ms
 from spotmesh.metrics import metric_sum, read_metrics
 
 POLICIES = {

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cli.bench import latency_ms
+from cli.stats import latency_ms
 
 DEFAULT_PROMPTS = "prefix_cache/awesome_chatgpt_system_prompts.jsonl"
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli.stats import percentile
 from services.cache.semantic import Answer, CacheOptions, SemanticCache
 
 DIM = 384
@@ -50,10 +51,9 @@ def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def _percentiles(samples: list[float]) -> dict:
-    ms = np.array(samples) * 1000.0
-    return {"p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3),
-            "max_ms": round(float(ms.max()), 3), "n": len(samples)}
+    return {"p50_ms": round(1000 * percentile(samples, 0.5), 3),
+            "p99_ms": round(1000 * percentile(samples, 0.99), 3),
+            "max_ms": round(1000 * max(samples), 3), "n": len(samples)}
 
 
 def _answer(i: int) -> Answer:

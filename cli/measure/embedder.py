@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli.stats import percentile
 from services.embedder.model import BACKENDS, Encoder, load_encoder
 
 STSB_FILE = "semantic_cache/stsb_train_dev_test.tsv"
@@ -285,11 +286,11 @@ def speed(
                 batch[backend].append(time.perf_counter() - started)
     out = {}
     for backend in encoders:
-        s = sorted(single[backend])
-        b = statistics.median(batch[backend])
+        s = single[backend]
+        b = percentile(batch[backend], 0.5)
         out[backend] = {
-            "single_ms_p50": round(1000 * statistics.median(s), 3),
-            "single_ms_p95": round(1000 * s[int(0.95 * (len(s) - 1))], 3),
+            "single_ms_p50": round(1000 * percentile(s, 0.5), 3),
+            "single_ms_p95": round(1000 * percentile(s, 0.95), 3),
             "batch32_ms_p50": round(1000 * b, 2),
             "batch32_texts_per_s": round(SPEED_BATCH / b, 1),
         }
