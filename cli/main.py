@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cli import bench, client, preempt, simulate, up
+from cli import bench, client, preempt, up
+from cli.simulate import command as simulate
 
 
 def cmd_make_tiny(a: argparse.Namespace) -> int:

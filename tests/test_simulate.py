@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 
-from cli import simulate
-from cli.bench.serve import data_dir
-from cli.simulate import (
+from cli.datasets import data_dir
+from cli.simulate import command as simulate
+from cli.simulate.engine import FleetView, Simulation
+from cli.simulate.profile import ReplicaProfile, load_profile
+from cli.simulate.scenario import POLICY_NAMES
+from cli.simulate.traces import (
     Arrival,
-    Decision,
-    FleetView,
-    ReplicaProfile,
-    Simulation,
     load_arrivals,
     load_availability,
     load_on_demand_price,
-    load_profile,
     load_spot_price,
     zone_id_prefix,
 )
+from services.autoscaler.policy import PoolPlan
 from services.autoscaler.signals import Prices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +101,7 @@ def run_json(inputs: dict[str, Path], out: Path, *extra: str) -> dict:
 
 def test_report_compares_every_policy_with_the_required_fields(inputs, tmp_path, capsys) -> None:
     doc = run_json(inputs, tmp_path / "out.json")
-    assert list(doc["policies"]) == list(simulate.POLICY_NAMES)
+    assert list(doc["policies"]) == list(POLICY_NAMES)
     for name, p in doc["policies"].items():
         for key in FIELDS:
             assert key in p, (name, key)
@@ -118,7 +117,7 @@ def test_report_compares_every_policy_with_the_required_fields(inputs, tmp_path,
     assert doc["parameters"]["slo_ttft_s"] == 2.0
     assert doc["goal"]["target"].startswith("spotmesh cost <= 0.55x")
     table = capsys.readouterr().out
-    for name in simulate.POLICY_NAMES:
+    for name in POLICY_NAMES:
         assert name in table
 
 
@@ -166,8 +165,8 @@ class FixedAsk:
     def __init__(self, spot: int, on_demand: int) -> None:
         self.spot, self.on_demand = spot, on_demand
 
-    def decide(self, view: FleetView) -> Decision:
-        return Decision(self.spot, self.on_demand)
+    def decide(self, view: FleetView) -> PoolPlan:
+        return PoolPlan(self.spot, self.on_demand)
 
 
 def test_spot_is_only_obtained_up_to_the_available_capacity() -> None:
@@ -450,7 +449,7 @@ def test_real_shared_data_produces_the_report_shape(tmp_path) -> None:
         "--instance-type", "p3.2xlarge", "--windows", "1", "--window-hours", "0.25",
         "--warmup-minutes", "10", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert set(doc["policies"]) == set(simulate.POLICY_NAMES)
+    assert set(doc["policies"]) == set(POLICY_NAMES)
     for p in doc["policies"].values():
         for key in FIELDS:
             assert isinstance(p[key], dict if key == "replica_hours" else (int, float))
