@@ -17,7 +17,6 @@ Two data formats:
 
 from __future__ import annotations
 
-import csv
 import json
 import random
 import sys
@@ -25,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cli.datasets import read_intents, read_stsb
 
 THRESHOLDS = [round(0.50 + 0.01 * i, 2) for i in range(51)]
 STSB_PARAPHRASE_SCORE = 4.0
@@ -43,17 +44,14 @@ class Row:
 
 def load_intents(path: str, split: str = "test", limit: int = 0, seed: int = 0
                  ) -> tuple[list[str], list[str]]:
-    texts, intents = [], []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            if row["split"] == split and row["text"].strip():
-                texts.append(row["text"].strip())
-                intents.append(row["intent"])
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)  # arrival order: mixed intents, reproducible
+    """(texts, intents) of one split, in a seeded arrival order (mixed intents, reproducible),
+    at most ``limit`` of them (0: all)."""
+    queries = [q for q in read_intents(path) if q.split == split]
+    order = list(range(len(queries)))
+    random.Random(seed).shuffle(order)
     if limit:
         order = order[:limit]
-    return [texts[i] for i in order], [intents[i] for i in order]
+    return [queries[i].text for i in order], [queries[i].intent for i in order]
 
 
 def replay_cache(sim: np.ndarray, intents: list[str], threshold: float) -> Row:
@@ -133,13 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(replay_cache(sim, intents, t))
         data = {"queries": len(texts), "intents": len(set(intents))}
     else:
-        s1, s2, scores = [], [], []
-        with open(a.pairs, newline="") as f:
-            for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-                if row["split"] == a.split:
-                    s1.append(row["sentence1"])
-                    s2.append(row["sentence2"])
-                    scores.append(float(row["score_0_5"]))
+        pairs = read_stsb(a.pairs, a.split)
+        s1, s2, scores = pairs.s1, pairs.s2, pairs.scores
         if a.limit:
             s1, s2, scores = s1[:a.limit], s2[:a.limit], scores[:a.limit]
         v1, v2 = _encode(encoder, s1), _encode(encoder, s2)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.bench import load
+from cli.bench import load, streams
 
 pytestmark = pytest.mark.mesh
 
@@ -26,9 +26,9 @@ def gateway(tiny_model):
     """One mesh for both tests, started the way the benchmark starts its own."""
     from spotmesh.home import DEFAULT_MODEL_NAME
 
-    load.raise_open_file_limit()
+    streams.raise_open_file_limit()
     args = parse("--concurrency", "1", "--replicas", "1")
-    with load.target(args, str(tiny_model), DEFAULT_MODEL_NAME, 1) as t:
+    with streams.target(args, str(tiny_model), DEFAULT_MODEL_NAME, 1) as t:
         yield t
 
 
@@ -48,7 +48,7 @@ def prompts(tmp_path_factory) -> str:
     return str(path)
 
 
-def target_flags(t: load.Target, prompts: str) -> list[str]:
+def target_flags(t: streams.Target, prompts: str) -> list[str]:
     return ["--address", t.address, "--api-key", t.api_key, "--gateway-pid", str(t.gateway_pid),
             "--gateway-metrics", t.metrics, "--prompts", prompts]
 

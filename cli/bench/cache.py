@@ -24,11 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cli.bench.serve import data_dir
+from cli.datasets import BANKING77, default_file
 from cli.stats import latency_ms
 from spotmesh.home import DEFAULT_MODEL_NAME
-
-DEFAULT_INTENTS = "semantic_cache/banking77_intents.csv"
 
 
 def _metric(metrics_address: str, name: str) -> float:
@@ -162,12 +160,7 @@ def main(a) -> int:
     from services.gateway.auth import DEFAULT_CACHE_THRESHOLD
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = a.intents
-    if not path:
-        d = data_dir()
-        if d is None:
-            raise SystemExit("no data: pass --intents FILE (../shared/data not found)")
-        path = str(d / DEFAULT_INTENTS)
+    path = a.intents or default_file(BANKING77, "data", "--intents")
     from cli.calibrate import load_intents
 
     texts, intents = load_intents(path, a.split, seed=a.seed)

@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cli.bench.serve import DEFAULT_PROMPTS, _closed_loop, data_dir
+from cli.bench.serve import closed_loop
+from cli.bench.workload import QUESTIONS, popularity
+from cli.datasets import SYSTEM_PROMPTS, default_file, read_system_prompts
 from cli.stats import latency_ms
 from spotmesh.metrics import metric_sum, read_metrics
 
@@ -36,31 +38,19 @@ POLICIES = {
     "prefix_precise": ("prefix", "precise"),
     "round_robin": ("round-robin", "approximate"),
 }
-QUESTIONS = [
-    "Give me a short example.", "What should I do first?", "Summarise that in one line.",
-    "What are the risks?", "How would you explain it to a beginner?", "What does it cost?",
-    "List three alternatives.", "Why does that matter?", "Can you go into more detail?",
-    "What is the most common mistake?", "How long will it take?", "Where do I start?",
-]
 
 
 def load_system_prompts(path: str, count: int, tokenizer, min_tokens: int,
                         max_tokens: int) -> list[str]:
     """The first ``count`` system prompts of ``min_tokens``..``max_tokens`` tokens (long
     enough to span KV blocks, short enough to leave room in the tiny model's context)."""
-    if not path:
-        d = data_dir()
-        if d is None or not (d / DEFAULT_PROMPTS).exists():
-            raise SystemExit("no prompts: pass --prompts FILE.jsonl (../shared/data not found)")
-        path = str(d / DEFAULT_PROMPTS)
+    path = path or default_file(SYSTEM_PROMPTS, "prompts", "--prompts")
     chosen = []
-    with open(path) as f:
-        for line in f:
-            text = json.loads(line).get("prompt", "")
-            if text and min_tokens <= len(tokenizer.encode(text)) <= max_tokens:
-                chosen.append(text)
-                if len(chosen) == count:
-                    return chosen
+    for text in read_system_prompts(path):
+        if min_tokens <= len(tokenizer.encode(text)) <= max_tokens:
+            chosen.append(text)
+            if len(chosen) == count:
+                return chosen
     if not chosen:
         raise SystemExit(f"no prompt in {path} has {min_tokens}-{max_tokens} tokens")
     return chosen
@@ -69,9 +59,7 @@ def load_system_prompts(path: str, count: int, tokenizer, min_tokens: int,
 def workload(n_prompts: int, n_requests: int, seed: int) -> list[tuple[int, int]]:
     """(system prompt index, question index) per request: Zipf-like popularity (s=0.8)."""
     rng = random.Random(seed)
-    weights = [1.0 / (rank + 1) ** 0.8 for rank in range(n_prompts)]
-    order = list(range(n_prompts))
-    rng.shuffle(order)
+    order, weights = popularity(n_prompts, rng)
     picks = rng.choices(order, weights=weights, k=n_requests)
     return [(p, rng.randrange(len(QUESTIONS))) for p in picks]
 
@@ -151,7 +139,7 @@ async def drive(address: str, key: str, systems: list[str], plan: list[tuple[int
         warm = gateway_pb2.GenerateRequest(prompt="warm up", sampling=sampling)
         for _ in range(4):
             await stub.Complete(warm, metadata=md, timeout=600)
-        result = await _closed_loop(len(plan), concurrency, one)
+        result = await closed_loop(len(plan), concurrency, one)
     ttft = latency_ms(result.ttft)
     return {"requests": len(result.ttft), "errors": result.errors,
             "wall_s": round(result.wall, 2), "ttft_ms_p50": ttft["p50"],

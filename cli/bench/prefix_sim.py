@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.datasets import MOONCAKE_TRACE, default_file
 from services.gateway.routing import Candidate, Weights, pick, winning_scorer
 from spotmesh.prefix_index import PrefixIndex
 
@@ -119,14 +120,7 @@ def simulate(reqs: list[Request], policy: str, n: int, capacity: int,
 
 
 def main(a) -> int:
-    from cli.bench.serve import data_dir
-
-    path = a.trace
-    if not path:
-        d = data_dir()
-        if d is None:
-            raise SystemExit("no trace: pass --trace FILE (../shared/data not found)")
-        path = str(d / "prefix_cache" / "mooncake_fast25_synthetic_trace.jsonl")
+    path = a.trace or default_file(MOONCAKE_TRACE, "trace", "--trace")
     if a.replicas < 1 or a.capacity_blocks < 1:
         raise SystemExit("--replicas and --capacity-blocks must be >= 1")
     reqs = load_trace(path)

@@ -21,38 +21,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli.bench.procstat import process_cpu_seconds
+from cli.datasets import SYSTEM_PROMPTS, default_file, read_system_prompts
 from cli.stats import latency_ms
-
-DEFAULT_PROMPTS = "prefix_cache/awesome_chatgpt_system_prompts.jsonl"
-
-
-def data_dir() -> Path | None:
-    """$SPOTMESH_DATA, else ../shared/data from the working directory or the repository."""
-    candidates = [Path.cwd() / ".." / "shared" / "data",
-                  Path(__file__).resolve().parents[2] / ".." / "shared" / "data"]
-    if os.environ.get("SPOTMESH_DATA"):
-        candidates.insert(0, Path(os.environ["SPOTMESH_DATA"]))
-    return next((d.resolve() for d in candidates if d.is_dir()), None)
 
 
 def load_prompts(path: str, limit: int) -> list[str]:
-    if not path:
-        d = data_dir()
-        if d is None or not (d / DEFAULT_PROMPTS).exists():
-            raise SystemExit("no prompts: pass --prompts FILE.jsonl (../shared/data not found)")
-        path = str(d / DEFAULT_PROMPTS)
-    prompts = []
-    with open(path) as f:
-        for line in f:
-            doc = json.loads(line)
-            if doc.get("prompt"):
-                # The tiny model's context is 2048 tokens; keep prompts well inside it.
-                prompts.append(doc["prompt"][:1500])
-            if len(prompts) >= limit:
-                break
-    if not prompts:
-        raise SystemExit(f"no prompts in {path}")
-    return prompts
+    """The first ``limit`` real system prompts (default: the shared data's), cut to 1,500
+    characters: the tiny model's context is 2,048 tokens; this keeps prompts well inside it."""
+    path = path or default_file(SYSTEM_PROMPTS, "prompts", "--prompts")
+    return [p[:1500] for p in read_system_prompts(path)[:limit]]
 
 
 @dataclass
@@ -75,16 +53,7 @@ class Result:
         }
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc), for CPU cost per token."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-async def _closed_loop(n_requests: int, concurrency: int, one) -> Result:
+async def closed_loop(n_requests: int, concurrency: int, one) -> Result:
     """``concurrency`` workers each send their next request as soon as the last one ends."""
     result = Result()
     counter = iter(range(n_requests))
@@ -130,9 +99,9 @@ async def run_direct(model_dir: str, name: str, prompts: list[str], levels, n_fo
 
     out = {}
     try:
-        await _closed_loop(4, 4, one)  # warm-up: first-request costs are not serving costs
+        await closed_loop(4, 4, one)  # warm-up: first-request costs are not serving costs
         for c in levels:
-            r = await _closed_loop(n_for(c), c, one)
+            r = await closed_loop(n_for(c), c, one)
             out[c] = r.summary()
             print(f"  direct  c={c:<4} {out[c]['tokens_per_s']:>9.1f} tok/s  "
                   f"ttft p50 {out[c]['ttft_ms_p50']} ms", file=sys.stderr, flush=True)
@@ -164,10 +133,10 @@ async def run_mesh(address: str, key: str, prompts, levels, n_for, max_tokens,
                 tokens += len(msg.token_ids)
             return ttft, tokens
 
-        await _closed_loop(4, 4, one)
+        await closed_loop(4, 4, one)
         for c in levels:
             cpu_before = process_cpu_seconds(gateway_pid) if gateway_pid else 0.0
-            r = await _closed_loop(n_for(c), c, one)
+            r = await closed_loop(n_for(c), c, one)
             out[c] = r.summary()
             if gateway_pid and r.tokens:
                 cpu = process_cpu_seconds(gateway_pid) - cpu_before

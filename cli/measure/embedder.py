@@ -22,7 +22,6 @@ Progress goes to stderr, the table to stdout, everything to ``--json``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -36,24 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
+from cli.datasets import BANKING77, STSB, data_dir, read_intents, read_stsb
 from cli.stats import percentile
 from services.embedder.model import BACKENDS, Encoder, load_encoder
 
-STSB_FILE = "semantic_cache/stsb_train_dev_test.tsv"
-BANKING_FILE = "semantic_cache/banking77_intents.csv"
 TARGET_PRECISION = 0.97
 SPEED_BATCH = 32
-
-
-def data_dir() -> Path | None:
-    """$SPOTMESH_DATA, else ../shared/data from the working directory or the repository."""
-    candidates = [
-        Path.cwd() / ".." / "shared" / "data",
-        Path(__file__).resolve().parents[2] / ".." / "shared" / "data",
-    ]
-    if os.environ.get("SPOTMESH_DATA"):
-        candidates.insert(0, Path(os.environ["SPOTMESH_DATA"]))
-    return next((d.resolve() for d in candidates if d.is_dir()), None)
 
 
 def progress(msg: str) -> None:
@@ -72,15 +59,8 @@ class StsPairs:
 
 
 def load_stsb(path: Path, split: str = "test") -> StsPairs:
-    s1, s2, scores = [], [], []
-    with path.open(newline="") as f:
-        # Sentences contain bare quotes; the file is plain TSV without quoting.
-        for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if row["split"] == split:
-                s1.append(row["sentence1"])
-                s2.append(row["sentence2"])
-                scores.append(float(row["score_0_5"]))
-    return StsPairs(s1, s2, np.array(scores))
+    pairs = read_stsb(str(path), split)
+    return StsPairs(pairs.s1, pairs.s2, np.array(pairs.scores))
 
 
 @dataclass
@@ -90,13 +70,9 @@ class Intents:
 
 
 def load_banking(path: Path) -> Intents:
-    train, test = [], []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            text = row["text"].strip()
-            if text:
-                (train if row["split"] == "train" else test).append((row["intent"], text))
-    return Intents(train, test)
+    queries = read_intents(str(path))
+    return Intents([(q.intent, q.text) for q in queries if q.split == "train"],
+                   [(q.intent, q.text) for q in queries if q.split != "train"])
 
 
 # --------------------------------------------------------------------------
@@ -418,11 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     if min(a.rounds, a.singles, a.batches, a.draws, a.queries) < 1 or a.threads < 1:
         p.error("--rounds, --singles, --batches, --draws, --queries and --threads must be >= 1")
     root = Path(a.data) if a.data else data_dir()
-    if root is None or not (root / STSB_FILE).is_file() or not (root / BANKING_FILE).is_file():
-        p.error(f"no data: --data must hold {STSB_FILE} and {BANKING_FILE}")
+    if root is None or not (root / STSB).is_file() or not (root / BANKING77).is_file():
+        p.error(f"no data: --data must hold {STSB} and {BANKING77}")
 
-    sts = load_stsb(root / STSB_FILE)
-    banking = load_banking(root / BANKING_FILE)
+    sts = load_stsb(root / STSB)
+    banking = load_banking(root / BANKING77)
     draws = {
         f"{k}_per_intent": cache_draws(
             banking,
@@ -511,9 +487,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
             },
             "data": {
-                "stsb": f"{STSB_FILE}, split test, {len(sts.scores)} pairs",
+                "stsb": f"{STSB}, split test, {len(sts.scores)} pairs",
                 "banking77": (
-                    f"{BANKING_FILE}: per draw, N stored train queries for each intent but "
+                    f"{BANKING77}: per draw, N stored train queries for each intent but "
                     f"{a.oos_intents} held out as out-of-scope, {a.queries} test queries; "
                     f"{a.draws} draws (seeds {a.seed}..{a.seed + a.draws - 1}) per setting"
                 ),
