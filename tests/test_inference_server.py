@@ -83,7 +83,7 @@ def test_a_reclaim_notice_drain_admits_until_admit_seconds_then_evicts(vllm_engi
                     with pytest.raises(grpc.aio.AioRpcError) as err:
                         await stub.Drain(req)
                     bad.append(err.value)
-                assert servicer._drain_task is None  # a refused Drain starts nothing
+                assert servicer.drain.task is None  # a refused Drain starts nothing
                 long = stub.Generate(inference_pb2.InferenceRequest(
                     request_id="long", prompt_token_ids=[1, 9, 9], sampling=greedy(1900)))
                 await long.read()
@@ -102,7 +102,7 @@ def test_a_reclaim_notice_drain_admits_until_admit_seconds_then_evicts(vllm_engi
                 with pytest.raises(grpc.aio.AioRpcError) as evicted:
                     while await long.read() is not grpc.aio.EOF:
                         pass
-                await servicer._drain_task
+                await servicer.drain.task
                 load_after = await stub.Load(inference_pb2.LoadRequest())
                 return bad, during, load_during, refused.value, evicted.value, load_after
         finally:

@@ -8,9 +8,11 @@ import sys
 
 from services.gateway.auth import ApiKeys, KeysFileError
 from services.gateway.config import GatewayConfig, parse
+from services.gateway.flow import RequestFlow
 from services.gateway.ledger import CostLedger
 from services.gateway.models import ModelCatalog
 from services.gateway.prefix import PrefixRouter
+from services.gateway.relay import ReplicaRelay
 from services.gateway.replicas import ReplicaSet
 from services.gateway.semantic import SemanticCacheClient
 from services.gateway.server import GatewayServicer
@@ -53,8 +55,9 @@ async def main(cfg: GatewayConfig) -> None:
         semantic = SemanticCacheClient(cfg.embedder, cfg.cache, cfg.cache_token,
                                        timeout_seconds=cfg.cache_timeout_seconds)
     service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
-    servicer = GatewayServicer(cfg, keys, catalog, replicas, CostLedger(cfg.prices_usd_per_hour),
-                               semantic, prefix)
+    relay = ReplicaRelay(replicas, prefix, CostLedger(cfg.prices_usd_per_hour),
+                         start_attempts=cfg.start_attempts, resume_attempts=cfg.resume_attempts)
+    servicer = GatewayServicer(cfg, keys, catalog, RequestFlow(relay, semantic))
     proc = ServerProcess("gateway", cfg.server, [service.full_name])
     await proc.start(lambda server: add_servicer(server, servicer, service))
     try:

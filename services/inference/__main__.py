@@ -81,7 +81,7 @@ async def main(cfg: InferenceConfig) -> None:
                                            kv_capacity_blocks=info.kv_capacity_blocks))
 
     async def on_stop() -> None:
-        await servicer.start_drain()
+        await servicer.drain.start()
 
     try:
         await proc.serve_until_signal(on_stop, grace_seconds=1.0)

@@ -10,6 +10,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.inference.accounting import TimeShare
+from services.inference.drain import DrainLifecycle
 from services.inference.engine import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -56,10 +57,6 @@ IN_FLIGHT = Gauge("spotmesh_inference_in_flight_requests", "Streams open on this
 QUEUE_DEPTH = Gauge("spotmesh_inference_queue_depth", "Requests waiting in the engine's queue.")
 RUNNING = Gauge("spotmesh_inference_running_requests", "Requests the engine is decoding.")
 KV_USAGE = Gauge("spotmesh_inference_kv_cache_usage_ratio", "Fraction of KV cache in use.")
-DRAINING = Gauge("spotmesh_inference_draining", "1 once the replica stopped admitting work.")
-ADMITTING_UNTIL = Gauge("spotmesh_inference_drain_admit_until_seconds",
-                        "Unix time until which an announced drain still admits work (a reclaim "
-                        "notice); 0 when none is under way.")
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
@@ -75,22 +72,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> None:
         self.engine = engine
         self.info = info
-        self.replica = replica
+        self._replica = replica
         self.pool = pool
-        self.drain_grace_seconds = drain_grace_seconds
-        self.draining = False
-        self._on_draining = on_draining  # async callable: flips health to NOT_SERVING
-        self._in_flight: set[str] = set()
-        self._evicted: set[str] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # on_draining: async, flips health to NOT_SERVING.
+        self.drain = DrainLifecycle(engine.abort, grace_seconds=drain_grace_seconds,
+                                    replica=replica, on_draining=on_draining)
         self._share = TimeShare()
         self._busy_booked = 0.0
-        self._drain_task: asyncio.Task | None = None
         QUEUE_DEPTH.set_function(lambda: self.engine.load().waiting)
         RUNNING.set_function(lambda: self.engine.load().running)
         KV_USAGE.set_function(lambda: self.engine.load().kv_cache_usage)
-        IN_FLIGHT.set_function(lambda: len(self._in_flight))
+        IN_FLIGHT.set_function(lambda: len(self.drain.in_flight))
+
+    @property
+    def replica(self) -> str:
+        """The replica's name (in served_by, the prefix index, logs); known once it listens."""
+        return self._replica
+
+    @replica.setter
+    def replica(self, name: str) -> None:
+        self._replica = self.drain.replica = name
 
     async def Generate(self, request: inference_pb2.InferenceRequest, context):
         code = grpc.StatusCode.OK
@@ -107,7 +108,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             REQUESTS.labels(code.name).inc()
 
     async def _generate(self, request, context):
-        if self.draining:
+        if self.drain.draining:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, f"replica {self.replica} is draining")
         rid = request.request_id
         if not rid or len(rid) > MAX_REQUEST_ID:
@@ -139,11 +140,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
         except InvalidField as exc:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        if rid in self._in_flight:
+        if rid in self.drain.in_flight:
             raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already running")
 
-        self._in_flight.add(rid)
-        self._idle.clear()
+        self.drain.enter(rid)
         share_token = self._share.enter()
         started = time.monotonic()
         last = None
@@ -160,7 +160,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 completion += len(chunk.token_ids)
                 msg = inference_pb2.InferenceChunk(text=chunk.text, token_ids=chunk.token_ids)
                 if chunk.finish_reason is not None:
-                    if chunk.finish_reason == FINISH_ABORT and rid in self._evicted:
+                    if chunk.finish_reason == FINISH_ABORT and self.drain.evicted(rid):
                         raise _Abort(grpc.StatusCode.UNAVAILABLE,
                                      f"replica {self.replica} drained before the stream "
                                      "finished; retry on another replica")
@@ -187,10 +187,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             REPLICA_SECONDS.inc(self._share.busy_seconds - self._busy_booked)
             self._busy_booked = self._share.busy_seconds
             TOKENS.labels("completion").inc(completion)
-            self._in_flight.discard(rid)
-            self._evicted.discard(rid)
-            if not self._in_flight:
-                self._idle.set()
+            self.drain.leave(rid)
 
     async def Load(self, request, context) -> inference_pb2.LoadReport:
         load = self.engine.load()
@@ -202,11 +199,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             waiting=load.waiting,
             running=load.running,
             kv_cache_usage=load.kv_cache_usage,
-            draining=self.draining,
+            draining=self.drain.draining,
             max_model_len=self.info.max_model_len,
             kv_block_size=self.info.kv_block_size,
             kv_capacity_blocks=self.info.kv_capacity_blocks,
-            in_flight=len(self._in_flight),
+            in_flight=len(self.drain.in_flight),
             quantization=self.info.quantization,
         )
         if load.gpu_utilization is not None:
@@ -219,53 +216,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"grace_seconds must be in [0, 3600], got {grace:g}")
         admit = request.admit_seconds
-        limit = self.drain_grace_seconds if grace is None else grace
+        limit = self.drain.grace_seconds if grace is None else grace
         if not 0 <= admit <= limit:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"admit_seconds must be in [0, grace_seconds ({limit:g})], got "
                                 f"{admit:g}")
-        in_flight = len(self._in_flight)
-        self.start_drain(grace, admit)
+        in_flight = len(self.drain.in_flight)
+        self.drain.start(grace, admit)
         return inference_pb2.DrainResponse(in_flight=in_flight)
-
-    def start_drain(self, grace_seconds: float | None = None,
-                    admit_seconds: float = 0.0) -> asyncio.Task:
-        """Stop admitting (after `admit_seconds`); let in-flight streams finish within the grace
-        period, counted from now; then evict the rest (their callers get UNAVAILABLE and resume
-        or retry elsewhere). Idempotent: the first call's terms hold."""
-        if self._drain_task is None:
-            grace = self.drain_grace_seconds if grace_seconds is None else grace_seconds
-            admit = min(max(0.0, admit_seconds), grace)
-            self._drain_task = asyncio.create_task(self._drain(grace, admit))
-        return self._drain_task
-
-    async def _drain(self, grace: float, admit: float = 0.0) -> None:
-        if admit > 0:
-            # A reclaim notice: capacity is short until the replacement is up, so this replica
-            # serves on; streams it cannot finish in time resume elsewhere.
-            ADMITTING_UNTIL.set(time.time() + admit)
-            log.info("drain announced; admitting meanwhile",
-                     extra=fields(replica=self.replica, admit_seconds=admit,
-                                  grace_seconds=grace))
-            await asyncio.sleep(admit)
-            ADMITTING_UNTIL.set(0)
-            grace -= admit
-        self.draining = True
-        DRAINING.set(1)
-        if self._on_draining is not None:
-            await self._on_draining()
-        log.info("draining", extra=fields(replica=self.replica, in_flight=len(self._in_flight),
-                                          grace_seconds=grace))
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout=grace)
-        except TimeoutError:
-            left = list(self._in_flight)
-            log.warning("grace period over; evicting streams",
-                        extra=fields(replica=self.replica, evicted=len(left)))
-            self._evicted.update(left)
-            for rid in left:
-                await self.engine.abort(rid)
-            await self._idle.wait()
 
 
 class _Abort(Exception):
