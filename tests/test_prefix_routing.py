@@ -11,12 +11,20 @@ from pathlib import Path
 import pytest
 
 from cli.bench.prefix_sim import Request, simulate
-from services.gateway.routing import Candidate, Weights, pick, winning_scorer
+from services.gateway.routing.candidate import Candidate, RouteRequest
+from services.gateway.routing.pickers import winning_scorer
+from services.gateway.routing.pipeline import Weights, weighted_router
 from spotmesh.prefix_hash import block_hashes
 from spotmesh.prefix_index import PrefixIndex
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "prefix_cache" / \
     "mooncake_fast25_synthetic_trace.jsonl"
+
+
+
+def pick(candidates, prompt_blocks: int, weights: Weights | None = None):
+    """The gateway's weighted router on bare candidates."""
+    return weighted_router(weights).route(candidates, RouteRequest(prompt_blocks=prompt_blocks))
 
 
 def test_equal_prefixes_hash_equal_and_a_change_breaks_every_later_block():

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cli.datasets import MOONCAKE_TRACE, default_file
-from services.gateway.routing import Candidate, Weights, pick, winning_scorer
+from services.gateway.routing.candidate import Candidate, RouteRequest
+from services.gateway.routing.pipeline import Weights, weighted_router
 from spotmesh.prefix_index import PrefixIndex
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake's hash_ids cover 512-token blocks
@@ -86,6 +87,8 @@ def simulate(reqs: list[Request], policy: str, n: int, capacity: int,
     in_flight: dict[str, list[float]] = {r: [] for r in replicas}
     rng = random.Random(seed)
     tally = Tally()
+    # The gateway's own router; among equal scores, the replica given fewest prompt tokens.
+    router = weighted_router(weights, tiebreak=lambda c: -tally.assigned.get(c.name, 0))
     for i, req in enumerate(reqs):
         for r in replicas:
             heap = in_flight[r]
@@ -102,10 +105,9 @@ def simulate(reqs: list[Request], policy: str, n: int, capacity: int,
             cands = [Candidate(r, queue=len(in_flight[r]),
                                kv_usage=index.size(r) / capacity,
                                prefix_blocks=matched.get(r, 0)) for r in replicas]
-            best = pick(cands, len(req.hashes), weights, tiebreak=lambda c: -tally.assigned.get(
-                c.name, 0))
+            best = router.route(cands, RouteRequest(prompt_blocks=len(req.hashes)))
             chosen = best.name
-            scorer = winning_scorer(best)
+            scorer = best.decided_by
             tally.wins[scorer] = tally.wins.get(scorer, 0) + 1
         hit_blocks = matched.get(chosen, 0)
         hit_tokens = min(req.input_length, hit_blocks * TRACE_BLOCK_TOKENS)

@@ -7,8 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from services.gateway.prefix import MODES as PREFIX_MODES
-from services.gateway.replicas import ROUTING_POLICIES
-from services.gateway.routing import Weights
+from services.gateway.routing.pipeline import ROUTING_POLICIES, Weights
 from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
 
 # On-demand prices are AWS us-east-1 g5.xlarge (1x A10G) list prices; spot is the mean of the

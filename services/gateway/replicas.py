@@ -18,7 +18,8 @@ import grpc
 from prometheus_client import Counter, Gauge
 
 from services.gateway.prefix import PrefixRoute
-from services.gateway.routing import Candidate, Weights, pick, winning_scorer
+from services.gateway.routing.candidate import Candidate, RouteRequest
+from services.gateway.routing.pipeline import Weights, router_for
 from spotmesh.runtime import fields, grpc_options
 from spotmesh.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -35,9 +36,6 @@ BREAKER_BASE_SECONDS = 1.0
 BREAKER_MAX_SECONDS = 30.0
 
 REPLICAS = Gauge("spotmesh_gateway_replicas", "Known inference replicas by state.", ["state"])
-# "prefix": the scorer pipeline (prefix affinity balanced against load); "round-robin": the
-# baseline the prefix benchmark compares against.
-ROUTING_POLICIES = ("prefix", "round-robin")
 ROUTING_DECISIONS = Counter(
     "spotmesh_gateway_routing_decisions_total", "Replica choices by the scorer that won.",
     ["scorer"])
@@ -71,14 +69,28 @@ class Replica:
     def pool(self) -> str:
         return POOL_NAMES.get(self.report.pool, "on-demand") if self.report else "on-demand"
 
-    def available_for(self, model: str) -> bool:
-        return (
-            self.reachable
-            and self.report is not None
-            and not self.report.draining
-            and self.report.model == model
-            and (self.consecutive_failures < FAILURES_BEFORE_SKIP
-                 or time.monotonic() >= self.skip_until)
+    def breaker_open(self) -> bool:
+        """Failed repeatedly and still in its cool-down: skipped by routing."""
+        return (self.consecutive_failures >= FAILURES_BEFORE_SKIP
+                and time.monotonic() < self.skip_until)
+
+    def candidate(self, route: PrefixRoute | None = None) -> Candidate:
+        """What routing knows of it, for this prompt's blocks."""
+        report = self.report
+        if report is None:  # never reported: nothing routes to it
+            return Candidate(self.address, queue=self.in_flight, reachable=False)
+        # Blocks of another size hash differently: such a replica holds none of them.
+        same_blocks = route is not None and report.kv_block_size == route.block_size
+        return Candidate(
+            name=self.address,
+            queue=self.in_flight + report.waiting,
+            kv_usage=report.kv_cache_usage,
+            prefix_blocks=route.matched.get(self.name, 0) if same_blocks else 0,
+            spot=report.pool == common_pb2.POOL_SPOT,
+            model=report.model,
+            reachable=self.reachable,
+            draining=report.draining,
+            failing=self.breaker_open(),
         )
 
 
@@ -95,8 +107,6 @@ class ReplicaSet:
         routing: str = "prefix",
         on_removed=None,
     ) -> None:
-        if routing not in ROUTING_POLICIES:
-            raise ValueError(f"routing must be one of {ROUTING_POLICIES}, got {routing!r}")
         self._static = list(static)
         self._file = Path(replicas_file) if replicas_file else None
         self._file_mtime = -1.0
@@ -107,10 +117,19 @@ class ReplicaSet:
         self.replicas: dict[str, Replica] = {}
         self.weights = weights or Weights()
         self.routing = routing
-        self._round_robin = 0
         self._on_removed = on_removed  # called with a removed replica's name (prefix index)
         self._task: asyncio.Task | None = None
         self._closing: set[asyncio.Task] = set()
+
+    @property
+    def routing(self) -> str:
+        """The routing policy (``--routing``); setting it rebuilds the pipeline."""
+        return self._routing
+
+    @routing.setter
+    def routing(self, policy: str) -> None:
+        self.router = router_for(policy, self.weights)
+        self._routing = policy
 
     async def start(self) -> None:
         await self._refresh_membership()
@@ -126,8 +145,9 @@ class ReplicaSet:
     def available(self, model: str, exclude: set[str] = frozenset()) -> list[Replica]:
         """The filter stage: reachable, not draining, serves the model, not failing, not
         excluded (by address)."""
-        return [r for a, r in self.replicas.items()
-                if a not in exclude and r.available_for(model)]
+        req = RouteRequest(model=model, exclude=frozenset(exclude))
+        kept = self.router.admit([r.candidate() for r in self.replicas.values()], req)
+        return [self.replicas[c.name] for c in kept]
 
     def block_size(self, model: str) -> int:
         """The KV block size of the model's replicas (0 while none has reported one)."""
@@ -138,30 +158,15 @@ class ReplicaSet:
 
     def pick(self, model: str, exclude: set[str] = frozenset(),
              route: PrefixRoute | None = None) -> Replica | None:
-        """The routing pipeline: filter, score (prefix held, queue, KV use), pick."""
-        available = self.available(model, exclude)
-        if not available:
+        """The routing pipeline (:mod:`services.gateway.routing`): filter, score (prefix held,
+        queue, KV use), pick."""
+        req = RouteRequest(model=model, prompt_blocks=len(route.hashes) if route else 0,
+                           exclude=frozenset(exclude))
+        best = self.router.route([r.candidate(route) for r in self.replicas.values()], req)
+        if best is None:
             return None
-        if self.routing == "round-robin":
-            available.sort(key=lambda r: r.address)
-            self._round_robin += 1
-            ROUTING_DECISIONS.labels("round_robin").inc()
-            return available[self._round_robin % len(available)]
-        blocks = len(route.hashes) if route else 0
-        candidates = []
-        for r in available:
-            # Blocks of another size hash differently: such a replica holds none of them.
-            same_blocks = route is not None and r.report.kv_block_size == route.block_size
-            candidates.append(Candidate(
-                name=r.address,
-                queue=r.in_flight + r.report.waiting,
-                kv_usage=r.report.kv_cache_usage,
-                prefix_blocks=route.matched.get(r.name, 0) if same_blocks else 0,
-                spot=r.report.pool == common_pb2.POOL_SPOT,
-            ))
-        best = pick(candidates, blocks, self.weights)
-        ROUTING_DECISIONS.labels(winning_scorer(best)).inc()
-        if route is not None:
+        ROUTING_DECISIONS.labels(best.decided_by).inc()
+        if route is not None and self.routing != "round-robin":
             PREFIX_MATCHED_TOKENS.inc(best.prefix_blocks * route.block_size)
         return self.replicas[best.name]
 
