@@ -268,34 +268,49 @@ def _extra_spot(base_spot: int, rate: float, prices: Prices, config: PolicyConfi
     return extra
 
 
-def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
-         state: PolicyState | None = None, config: PolicyConfig | None = None,
-         market: SpotMarket | None = None) -> PoolPlan:
-    """Decide both pools' target counts and which replicas to drain, with a reason for each."""
-    config = config or PolicyConfig()
-    config.validate(pools)
-    state = state or PolicyState()
-    market = market or SpotMarket()
-    reasons: list[str] = []
-    started_at = state.started_at if state.started_at is not None else now
-    seen = dict(state.pending_seen)
-    fleet = _classify(signals, pools, config, now, seen)
-    pending_seen = tuple((r.replica, seen.get(r.replica, now))
-                         for pool in POOLS for r, _ in fleet.pending[pool])
+@dataclass
+class _SpotHealth:
+    """Whether spot can be counted on at this reconcile, and the on-demand floor that follows."""
 
-    n_fresh = sum(len(fleet.fresh[p]) for p in POOLS)
-    n_unknown = sum(fleet.unknown.values())
-    load = (sum(r.load for p in POOLS for r in fleet.fresh[p]) + fleet.draining_load
-            + signals.unassigned_waiting)
-    hold = n_unknown > 0 and n_fresh < config.min_fresh_fraction * (n_fresh + n_unknown)
-    if n_unknown:
-        reasons.append(f"{n_unknown} ready replica(s) with stale or missing signals: not "
-                       f"counted as capacity or idle")
-    if hold:
-        reasons.append(f"signals fresh for only {n_fresh} of {n_fresh + n_unknown} ready "
-                       f"replicas: holding, no pool shrinks")
+    trouble: list[str]  # why spot cannot deliver now; empty when it can
+    stuck: dict[Pool, list[ReplicaSignal]]  # pending longer than the grace, per pool
+    credited_pending: dict[Pool, int]  # pending replicas still counted as coming capacity
+    last_reclaim_at: float | None
+    od_floor: int
 
-    # Which pending replicas still count as capacity.
+
+@dataclass
+class _Need:
+    """How many healthy replicas the load needs, before hysteresis."""
+
+    load: int
+    up: int  # to scale out to
+    down: int  # the most a scale-in may go down to
+    loaded: list[ReplicaSignal]
+    kv_mean: float
+    idle_since: float | None
+    zero_ok: bool
+    min_total: int
+
+
+@dataclass
+class _Step:
+    """What hysteresis and cooldowns make of the need: the healthy count to aim for, and the
+    memory that goes with it."""
+
+    prev: int
+    needed: int
+    last_up: float | None
+    last_down: float | None
+    rate_at_up: float | None
+    refill_at: float | None
+    reclaim: float | None
+    recommendations: tuple[tuple[float, int], ...]
+
+
+def _assess_spot(fleet: _Fleet, state: PolicyState, market: SpotMarket, config: PolicyConfig,
+                 now: float, started_at: float, reasons: list[str]) -> _SpotHealth:
+    """Which pending replicas still count as capacity, and whether the floor holds."""
     spot_trouble: list[str] = []
     if market.available is False:
         spot_trouble.append("the market reports no spot capacity")
@@ -327,8 +342,13 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     if stuck["on-demand"]:
         reasons.append(f"{len(stuck['on-demand'])} on-demand replica(s) pending longer than "
                        f"{config.pending_grace_seconds:.0f}s: not counted, asking spot instead")
+    return _SpotHealth(spot_trouble, stuck, credited_pending, last_reclaim_at, od_floor)
 
-    # How many healthy replicas the load needs.
+
+def _size(fleet: _Fleet, signals: Signals, state: PolicyState, config: PolicyConfig,
+          now: float, load: int, n_unknown: int, od_floor: int, reasons: list[str]) -> _Need:
+    """How many healthy replicas the load needs: queue depth over the target, the KV guard,
+    and the floor (or zero, after a long enough idle)."""
     target = config.target_load_per_replica
     need_up = math.ceil(load / target)
     need_down = math.ceil(load / (target * (1.0 - config.hysteresis)))
@@ -354,7 +374,17 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
                            f"{config.idle_before_zero_seconds:.0f}s before scaling to zero")
         elif n_unknown and load == 0:
             reasons.append("no scale to zero while some replicas' signals are stale")
+    return _Need(load, need_up, need_down, loaded, kv_mean, idle_since, zero_ok, min_total)
 
+
+def _hysteresis(need: _Need, signals: Signals, state: PolicyState, market: SpotMarket,
+                config: PolicyConfig, now: float, started_at: float, n_fresh: int,
+                credited_pending: dict[Pool, int], hold: bool, reasons: list[str]) -> _Step:
+    """Scale out at once (after a cooldown, and for the arrival rate rather than a backlog
+    while replicas start); scale in slowly, to the highest count recommended over the
+    stabilisation window; never below the floor; hold when most signals are missing."""
+    load, need_up, need_down = need.load, need.up, need.down
+    target = config.target_load_per_replica
     prev = state.needed if state.needed is not None else (
         n_fresh + credited_pending["spot"] + credited_pending["on-demand"])
     recent = [(t, n) for t, n in state.recommendations
@@ -404,8 +434,8 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     elif need_down < prev:
         stabilized = max(n for _, n in recommendations)
         last_change = max((t for t in (last_up, last_down) if t is not None), default=None)
-        if loaded and kv_mean >= config.kv_target:
-            reasons.append(f"scale-in blocked by KV-cache usage {kv_mean:.2f} >= "
+        if need.loaded and need.kv_mean >= config.kv_target:
+            reasons.append(f"scale-in blocked by KV-cache usage {need.kv_mean:.2f} >= "
                            f"{config.kv_target}")
         elif now - started_at < config.down_stabilization_seconds:
             reasons.append(f"scale-in waits one stabilisation window after start "
@@ -420,19 +450,26 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
                            f"({per:.1f} each), {stabilized} would keep it under "
                            f"{target * (1 - config.hysteresis):g} over the last "
                            f"{config.down_stabilization_seconds:.0f}s")
-    if needed < min_total:
-        needed = min_total
-    if zero_ok and needed == 0:
-        reasons.append(f"scale to zero: no traffic for {now - (idle_since or now):.0f}s")
+    if needed < need.min_total:
+        needed = need.min_total
+    if need.zero_ok and needed == 0:
+        reasons.append(f"scale to zero: no traffic for {now - (need.idle_since or now):.0f}s")
     if hold:
         needed = max(needed, prev)
+    return _Step(prev, needed, last_up, last_down, rate_at_up, refill_at, reclaim,
+                 recommendations)
 
-    # Split the healthy count between the pools.
+
+def _split_pools(needed: int, fleet: _Fleet, spot: _SpotHealth, pools: Pools, prices: Prices,
+                 market: SpotMarket, config: PolicyConfig, reasons: list[str]) -> dict[Pool, int]:
+    """The healthy count split between the pools: the floor on demand, the rest on spot
+    (over-provisioned by the reclaim rate) while spot is cheaper and can deliver, on-demand
+    covering exactly the spot it cannot have and handed back once spot is ready."""
     spot_ready = len(fleet.fresh["spot"])
     spot_cheaper = prices.spot_usd_per_hour < prices.on_demand_usd_per_hour
     spot_room = max(0, pools.spot.max_replicas - fleet.unknown["spot"])
     od_room = max(0, pools.on_demand.max_replicas - fleet.unknown["on-demand"])
-    floor = min(od_floor, needed, od_room)
+    floor = min(spot.od_floor, needed, od_room)
     extra = 0
     if spot_cheaper and spot_room > 0:
         base_spot = needed - floor
@@ -441,20 +478,20 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
             reasons.append(f"spot over-provisioned by {extra} for "
                            f"{market.preemption_rate_per_replica_hour:.2f} reclaims per "
                            f"replica-hour")
-        spot_healthy = base_spot + extra + len(stuck["on-demand"])
+        spot_healthy = base_spot + extra + len(spot.stuck["on-demand"])
         spot_healthy = min(max(spot_healthy, pools.spot.min_replicas), spot_room)
     else:
         spot_healthy = min(pools.spot.min_replicas, spot_room)
         if not spot_cheaper and needed:
             reasons.append("spot is not cheaper than on-demand: on-demand only")
-    if spot_trouble and needed > floor and spot_cheaper:
-        reasons.append("spot cannot deliver (" + "; ".join(spot_trouble)
+    if spot.trouble and needed > floor and spot_cheaper:
+        reasons.append("spot cannot deliver (" + "; ".join(spot.trouble)
                        + "): on-demand covers, spot requests stay open")
     # Spot this plan asks for counts like young pending spot (unless spot is in trouble):
     # on-demand is not launched as well for a gap that spot is about to fill.
-    spot_asks = 0 if spot_trouble else max(
+    spot_asks = 0 if spot.trouble else max(
         0, spot_healthy - spot_ready - len(fleet.pending["spot"]))
-    credit_all = min(spot_ready + credited_pending["spot"] + spot_asks, spot_healthy)
+    credit_all = min(spot_ready + spot.credited_pending["spot"] + spot_asks, spot_healthy)
     credit_ready = min(spot_ready, spot_healthy)
     # The reclaim over-provisioning rides on spot only: while spot cannot deliver, on-demand
     # covers the gap replica for replica and no more. A reserve held on demand (2-3x the price,
@@ -472,8 +509,14 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
     if od_healthy < od_ready and spot_ready and needed:
         reasons.append(f"spot ready again: handing back {od_ready - od_healthy} on-demand "
                        f"replica(s)")
+    return {"spot": spot_healthy, "on-demand": od_healthy}
 
-    targets: dict[Pool, int] = {"spot": spot_healthy, "on-demand": od_healthy}
+
+def _choose_drains(targets: dict[Pool, int], fleet: _Fleet, pools: Pools, config: PolicyConfig,
+                   hold: bool, reasons: list[str]) -> tuple[dict[Pool, int], list[str]]:
+    """Each pool's target counting its unknown replicas (which are never removed), bounded,
+    and which replicas to drain where a pool shrinks: the cheapest losses first."""
+    targets = dict(targets)
     remove: list[str] = []
     for pool in POOLS:
         bounds = pools.get(pool)
@@ -502,13 +545,53 @@ def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
                 reasons.append(f"drain {pool} replica {name} ({what})")
             remove.extend(chosen)
         targets[pool] = t
+    return targets, remove
+
+
+def plan(signals: Signals, pools: Pools, prices: Prices, now: float,
+         state: PolicyState | None = None, config: PolicyConfig | None = None,
+         market: SpotMarket | None = None) -> PoolPlan:
+    """Decide both pools' target counts and which replicas to drain, with a reason for each:
+    classify the replicas, assess spot, size the fleet, apply hysteresis, split the pools,
+    choose what to drain (the module docstring's steps, one function each)."""
+    config = config or PolicyConfig()
+    config.validate(pools)
+    state = state or PolicyState()
+    market = market or SpotMarket()
+    reasons: list[str] = []
+    started_at = state.started_at if state.started_at is not None else now
+    seen = dict(state.pending_seen)
+    fleet = _classify(signals, pools, config, now, seen)
+    pending_seen = tuple((r.replica, seen.get(r.replica, now))
+                         for pool in POOLS for r, _ in fleet.pending[pool])
+
+    n_fresh = sum(len(fleet.fresh[p]) for p in POOLS)
+    n_unknown = sum(fleet.unknown.values())
+    load = (sum(r.load for p in POOLS for r in fleet.fresh[p]) + fleet.draining_load
+            + signals.unassigned_waiting)
+    hold = n_unknown > 0 and n_fresh < config.min_fresh_fraction * (n_fresh + n_unknown)
+    if n_unknown:
+        reasons.append(f"{n_unknown} ready replica(s) with stale or missing signals: not "
+                       f"counted as capacity or idle")
+    if hold:
+        reasons.append(f"signals fresh for only {n_fresh} of {n_fresh + n_unknown} ready "
+                       f"replicas: holding, no pool shrinks")
+
+    spot = _assess_spot(fleet, state, market, config, now, started_at, reasons)
+    need = _size(fleet, signals, state, config, now, load, n_unknown, spot.od_floor, reasons)
+    step = _hysteresis(need, signals, state, market, config, now, started_at, n_fresh,
+                       spot.credited_pending, hold, reasons)
+    targets = _split_pools(step.needed, fleet, spot, pools, prices, market, config, reasons)
+    targets, remove = _choose_drains(targets, fleet, pools, config, hold, reasons)
     if not reasons:
-        reasons.append(f"steady: load {load} over {prev} replica(s), target {target:g} each")
+        reasons.append(f"steady: load {load} over {step.prev} replica(s), target "
+                       f"{config.target_load_per_replica:g} each")
     next_state = replace(
-        state, started_at=started_at, needed=needed, last_scale_up_at=last_up,
-        rate_at_scale_out=rate_at_up, last_load=load,
-        last_scale_down_at=last_down, recommendations=recommendations, idle_since=idle_since,
-        pending_seen=pending_seen, last_reclaim_at=last_reclaim_at, reclaim_seen_at=reclaim,
-        refill_at=refill_at)
+        state, started_at=started_at, needed=step.needed, last_scale_up_at=step.last_up,
+        rate_at_scale_out=step.rate_at_up, last_load=load,
+        last_scale_down_at=step.last_down, recommendations=step.recommendations,
+        idle_since=need.idle_since, pending_seen=pending_seen,
+        last_reclaim_at=spot.last_reclaim_at, reclaim_seen_at=step.reclaim,
+        refill_at=step.refill_at)
     return PoolPlan(spot=targets["spot"], on_demand=targets["on-demand"], remove=remove,
                     reasons=reasons, state=next_state)
