@@ -41,15 +41,18 @@ import pytest
 from kubernetes import client
 from kubernetes.config import kube_config
 
-from services.autoscaler import kubernetes as kube
-from services.autoscaler.kubernetes import (
+from services.autoscaler.kubernetes import api as kube_api
+from services.autoscaler.kubernetes.actuator import KubernetesActuator
+from services.autoscaler.kubernetes.api import (
     DELETION_COST,
     POOL_LABEL,
     RBAC_RULES,
     REMOVE_FIRST_COST,
-    KubernetesActuator,
     KubernetesActuatorError,
 )
+from services.autoscaler.kubernetes.pods import PodFacts, instance_of
+from services.autoscaler.kubernetes.preemptions import PreemptionLedger
+from services.autoscaler.kubernetes.watcher import PodWatcher
 
 NS = "spotmesh-test"
 DEPLOYMENTS = kmock.resource("apps", "v1", "deployments")
@@ -285,7 +288,7 @@ def test_pod_states_cover_ended_and_unready_pods() -> None:
     with client.ApiClient() as api:
         for what, (raw, state) in cases.items():
             model = api.deserialize(json.dumps(raw), "V1Pod", "application/json")
-            assert kube.instance_of(model, "spot").state == state, what
+            assert instance_of(model, "spot").state == state, what
 
 
 def test_apply_marks_the_named_pods_before_scaling_down_and_is_idempotent() -> None:
@@ -418,13 +421,13 @@ def test_preemptions_are_counted_from_the_pod_watch(monkeypatch: pytest.MonkeyPa
     async def scenario(c: Cluster) -> None:
         # The watch thread wakes the test after each event it handles: no polling.
         loop, handled = asyncio.get_running_loop(), asyncio.Event()
-        handle = kube.PodWatcher._handle
+        handle = PodWatcher._handle
 
-        def handle_and_wake(self: kube.PodWatcher, event: Any) -> None:
+        def handle_and_wake(self: PodWatcher, event: Any) -> None:
             handle(self, event)
             loop.call_soon_threadsafe(handled.set)
 
-        monkeypatch.setattr(kube.PodWatcher, "_handle", handle_and_wake)
+        monkeypatch.setattr(PodWatcher, "_handle", handle_and_wake)
         actuator = c.actuator()
         events = 6  # kmock replays every pod of the namespace as ADDED when the watch opens
 
@@ -548,18 +551,18 @@ def test_configuration_and_client_problems_are_one_clear_line(monkeypatch, tmp_p
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "absent"))
     with pytest.raises(KubernetesActuatorError, match="no Kubernetes configuration"):
         KubernetesActuator("ns")
-    monkeypatch.setattr(kube, "_MISSING", ImportError("No module named 'kubernetes'"))
+    monkeypatch.setattr(kube_api, "MISSING", ImportError("No module named 'kubernetes'"))
     with pytest.raises(ImportError, match=re.escape("pip install kubernetes==37.0.2")):
         KubernetesActuator("ns", api_client=object())
 
 
 def test_ledger_counts_each_lost_pod_once_whatever_order_it_learns_in() -> None:
     def facts(name: str, *, gone: bool = False, disrupted: float | None = None,
-              created: float = 0.0) -> kube.PodFacts:
-        return kube.PodFacts(name, name, gone, disrupted, "v1", created)
+              created: float = 0.0) -> PodFacts:
+        return PodFacts(name, name, gone, disrupted, "v1", created)
 
     ticks = itertools.count(100)
-    ledger = kube.PreemptionLedger(clock=lambda: float(next(ticks)))
+    ledger = PreemptionLedger(clock=lambda: float(next(ticks)))
     ledger.set_target(2)
     ledger.replace([facts("a"), facts("b")])
     ledger.update(facts("a", gone=True))  # terminating, pool short: lost

@@ -31,7 +31,7 @@ def build(cfg: AutoscalerConfig):
                                   cfg.warm_prefixes)
         return (LocalActuator(Path(cfg.state_dir), cfg.inference_args, warmer=warmer),
                 LoadSignals(cfg.gateway_metrics, cfg.signal_timeout_seconds))
-    from services.autoscaler.kubernetes import KubernetesActuator
+    from services.autoscaler.kubernetes.actuator import KubernetesActuator
     from services.autoscaler.prometheus import PrometheusSource
 
     if not cfg.prometheus_url:
