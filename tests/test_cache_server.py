@@ -15,7 +15,8 @@ from prometheus_client import REGISTRY
 
 from services.cache import config as cache_config
 from services.cache.metrics import OTHER_TENANTS, TenantLabels
-from services.cache.semantic import CacheOptions, SemanticCache
+from services.cache.options import CacheOptions
+from services.cache.semantic import SemanticCache
 from services.cache.server import SemanticCacheServicer
 from spotmesh.runtime import add_servicer
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
@@ -320,8 +321,8 @@ def test_the_service_without_a_token_exits_with_one_line(tmp_path):
 def test_maintenance_sweeps_expired_entries_and_refreshes_the_gauge(loop_thread, tmp_path):
     import time
 
+    from services.cache.answers import Answer
     from services.cache.maintenance import Maintenance
-    from services.cache.semantic import Answer
 
     cache = SemanticCache(CacheOptions(uri=str(tmp_path / "cache.db"), dim=DIM,
                                        sweep_seconds=1e-9, flush_seconds=1e-9))

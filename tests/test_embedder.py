@@ -23,10 +23,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from services.embedder import model as model_mod
+from services.embedder import onnx_export
 from services.embedder.batcher import BatcherClosed, EncoderFailed, MicroBatcher, QueueFull
 from services.embedder.config import MAX_TEXT_BYTES, MAX_TEXTS, parse
-from services.embedder.model import Encoder, EncoderUnavailable, load_encoder, pool
+from services.embedder.encoders import Encoder, EncoderUnavailable, default_model_dir, pool
+from services.embedder.model import load_encoder
 from services.embedder.server import EmbedderServicer
 from spotmesh.config import ServerConfig
 from spotmesh.runtime import ServerProcess, add_servicer
@@ -124,8 +125,8 @@ def test_onnx_truncates_long_texts_like_sentence_transformers(encoders):
 
 def test_export_is_reused_and_marked_with_its_source(encoders, export_cache):
     onnx_dir = export_cache / "all-MiniLM-L6-v2" / "onnx"
-    marker = json.loads((onnx_dir / model_mod.MARKER_FILE).read_text())
-    assert marker["source"] == str(model_mod.default_model_dir().resolve())
+    marker = json.loads((onnx_dir / onnx_export.MARKER_FILE).read_text())
+    assert marker["source"] == str(default_model_dir().resolve())
     assert marker["variant"] == "fp32"
     assert {"torch", "transformers", "onnx", "onnxruntime"} <= set(marker["versions"])
     before = (onnx_dir / "model.onnx").stat()
@@ -136,7 +137,7 @@ def test_export_is_reused_and_marked_with_its_source(encoders, export_cache):
     int8 = json.loads(
         (export_cache / "all-MiniLM-L6-v2" / "onnx-int8" / "spotmesh-export.json").read_text()
     )
-    assert int8["variant"] == "int8" and int8["quantization"] == model_mod.INT8_OPTIONS
+    assert int8["variant"] == "int8" and int8["quantization"] == onnx_export.INT8_OPTIONS
     # No temporary or swapped-out directories are left behind.
     assert sorted(p.name for p in (export_cache / "all-MiniLM-L6-v2").iterdir()) == [
         "onnx",
@@ -146,15 +147,15 @@ def test_export_is_reused_and_marked_with_its_source(encoders, export_cache):
 
 def test_a_changed_source_or_toolchain_is_not_taken_for_the_cached_export(export_cache):
     onnx_dir = export_cache / "all-MiniLM-L6-v2" / "onnx"
-    src = model_mod.read_source(model_mod.default_model_dir())
-    expected = model_mod._expected_marker(src, quantized=False)
-    assert model_mod._is_current(onnx_dir, expected)
+    src = onnx_export.read_source(default_model_dir())
+    expected = onnx_export._expected_marker(src, quantized=False)
+    assert onnx_export._is_current(onnx_dir, expected)
     for key, value in [
         ("source", "/elsewhere"),
         ("format", -1),
         ("versions", {"onnxruntime": "0.0"}),
     ]:
-        assert not model_mod._is_current(onnx_dir, {**expected, key: value})
+        assert not onnx_export._is_current(onnx_dir, {**expected, key: value})
 
 
 def test_load_encoder_refusals_are_one_clear_line(tmp_path):

@@ -427,8 +427,9 @@ DIM = 8  # a small cache dimension, so plausible vectors are easy to draw
 def cache_tier(loop_thread, tmp_path_factory):
     """The cache process's two services on one in-process server, as `services.cache` runs
     them."""
+    from services.cache.options import CacheOptions
     from services.cache.prefix_server import PrefixCacheServicer
-    from services.cache.semantic import CacheOptions, SemanticCache
+    from services.cache.semantic import SemanticCache
     from services.cache.server import SemanticCacheServicer
     from spotmesh.prefix_index import PrefixStore
 

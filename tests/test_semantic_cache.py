@@ -18,17 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cli.netns_milvus import NetnsMilvus, netns_problem
-from services.cache.semantic import (
-    MAX_TEXT_BYTES,
-    MAX_TOKEN_IDS,
-    Answer,
-    CacheOptions,
-    CacheSchemaError,
-    CacheUnavailable,
-    SemanticCache,
-    _split_utf8,
-    literal,
-)
+from services.cache.answers import Answer
+from services.cache.bounds import MAX_TEXT_BYTES, MAX_TOKEN_IDS, literal
+from services.cache.milvus import CacheSchemaError, CacheUnavailable
+from services.cache.options import CacheOptions
+from services.cache.rows import split_utf8
+from services.cache.semantic import SemanticCache
 from spotmesh.validation import InvalidField
 
 DIM = 384
@@ -104,13 +99,13 @@ def make_cache(backend):
         return cache
 
     yield make
-    live = [c for c in opened if not c._closed]
+    live = [c for c in opened if not c.closed]
     try:
         if kind == "server":
             cleaner = live[0] if live else make()
             with cleaner._write_lock:
                 cleaner._delete_where('id != ""')
-            live = [c for c in opened if not c._closed]
+            live = [c for c in opened if not c.closed]
     finally:
         for c in live:
             c.close()
@@ -413,7 +408,7 @@ def test_the_largest_entry_the_contract_allows_round_trips_exactly(cache):
 @given(st.text(min_size=1, max_size=50))
 def test_split_utf8_cuts_between_characters(s):
     whole = s * (70_000 // len(s.encode()) + 1)
-    head, tail = _split_utf8(whole)
+    head, tail = split_utf8(whole)
     assert head + tail == whole
     assert 65535 - 3 <= len(head.encode()) <= 65535
 

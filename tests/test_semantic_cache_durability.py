@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 
 from cli.netns_milvus import NetnsMilvus, netns_problem
-from services.cache.semantic import CacheOptions, CacheUnavailable, SemanticCache
+from services.cache.milvus import CacheUnavailable
+from services.cache.options import CacheOptions
+from services.cache.semantic import SemanticCache
 from services.cache.server import SemanticCacheServicer
 from spotmesh.runtime import add_servicer
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2

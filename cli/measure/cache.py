@@ -31,7 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from cli.stats import percentile
-from services.cache.semantic import Answer, CacheOptions, SemanticCache
+from services.cache.answers import Answer
+from services.cache.options import CacheOptions
+from services.cache.semantic import SemanticCache
 
 DIM = 384
 MODEL = "spotmesh-tiny"

@@ -37,7 +37,8 @@ import numpy as np
 
 from cli.datasets import BANKING77, STSB, data_dir, read_intents, read_stsb
 from cli.stats import percentile
-from services.embedder.model import BACKENDS, Encoder, load_encoder
+from services.embedder.encoders import Encoder
+from services.embedder.model import BACKENDS, load_encoder
 
 TARGET_PRECISION = 0.97
 SPEED_BATCH = 32

@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 
 from services.autoscaler.config import AutoscalerConfig, parse
-from services.autoscaler.reconciler import LoadSignals, Reconciler
+from services.autoscaler.load_signals import LoadSignals
+from services.autoscaler.reconciler import Reconciler
 from services.autoscaler.server import AutoscalerServicer
 from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import autoscaler_pb2

@@ -1,15 +1,13 @@
-"""The caches: a semantic cache over Milvus and a prefix index of replicas' KV blocks.
+"""The caches (``python -m services.cache``): a semantic cache over Milvus and a prefix index of
+the replicas' KV blocks. Contract: protos/spotmesh/v1/cache.proto.
 
-Contract: protos/spotmesh/v1/cache.proto. The semantic cache (``python -m services.cache``):
-
-* ``semantic``: the domain, :class:`~services.cache.semantic.SemanticCache` over pymilvus'
-  MilvusClient (embedded milvus-lite, or a Milvus server): per-tenant isolation by filter,
-  absolute TTLs, durable stores, exact invalidation. No gRPC.
-* ``server``: the gRPC surface (auth by service/admin token, validation, status codes).
+* ``semantic``: the operations, :class:`~services.cache.semantic.SemanticCache` (per-tenant
+  isolation by filter, absolute TTLs, durable stores, exact invalidation); ``answers`` what it
+  stores and answers; ``bounds`` the contract's bounds and field checks; ``rows`` an entry as a
+  Milvus row; ``milvus`` the collection and its connection; ``options`` its knobs. No gRPC.
+* ``server``, ``prefix_server``: the gRPC surfaces (auth by service/admin token, validation,
+  status codes); the prefix index itself is ``spotmesh.prefix_index``, shared with the gateway.
 * ``maintenance``: flushing on a timer and sweeping expired entries in the background.
-* ``config``, ``metrics``, ``__main__``: flags, Prometheus metrics, the process.
-* ``netns_milvus``: a real Milvus 2.3.5 server in a private network namespace, for tests and
-  ``measure`` (latency at 1k/10k/100k entries on both backends).
-
-The prefix-routing issue builds the prefix index.
+* ``auth``, ``config``, ``metrics``, ``__main__``: tokens, flags, Prometheus metrics, the
+  process.
 """

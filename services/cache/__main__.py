@@ -14,8 +14,9 @@ import logging
 from services.cache.config import CacheConfig, parse
 from services.cache.maintenance import Maintenance
 from services.cache.metrics import TenantLabels
+from services.cache.milvus import CacheSchemaError, CacheUnavailable, is_local
 from services.cache.prefix_server import PrefixCacheServicer
-from services.cache.semantic import CacheSchemaError, CacheUnavailable, SemanticCache, is_local
+from services.cache.semantic import SemanticCache
 from services.cache.server import SemanticCacheServicer
 from spotmesh.prefix_index import PrefixStore
 from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging

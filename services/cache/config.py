@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 
 from services.cache.metrics import DEFAULT_MAX_TENANT_LABELS
+from services.cache.options import LOOKUP_CONSISTENCY, CacheOptions, default_uri
 from services.cache.prefix_server import DEFAULT_MAX_HASHES
-from services.cache.semantic import LOOKUP_CONSISTENCY, CacheOptions, default_uri
 from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
 
 DEFAULT_PORT = 50071

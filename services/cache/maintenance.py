@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from services.cache.metrics import ENTRIES, EXPIRED_SWEPT
-from services.cache.semantic import CacheUnavailable, SemanticCache
+from services.cache.milvus import CacheUnavailable
+from services.cache.semantic import SemanticCache
 from spotmesh.runtime import cancel_and_wait, fields
 
 log = logging.getLogger("spotmesh.cache")

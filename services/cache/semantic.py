@@ -1,20 +1,16 @@
-"""The semantic cache's domain: whole answers stored in Milvus and found again by the meaning of
+"""The semantic cache's operations: whole answers stored in Milvus and found again by the meaning of
 their prompt, per tenant, model and sampling fingerprint. No gRPC here; the servicer validates
 nothing this module does not validate again.
 
 Why it is built the way it is:
 
-* **Sync client, called from a thread.** pymilvus' async client cannot create collections or
-  indexes on milvus-lite, and milvus-lite runs in-process as Python threads anyway, so an
-  async client would buy nothing. :class:`SemanticCache` is a plain thread-safe object; the
-  gRPC server calls it through a small thread pool (``services.cache.server``).
+* **Sync client, called from a thread** (``services.cache.milvus``). :class:`SemanticCache` is
+  a plain thread-safe object; the gRPC server calls it through a small thread pool.
 * **Isolation is the filter.** Every search, count and delete carries
   ``tenant == "<id>"`` (a partition key would only group rows; it does not isolate them).
   Milvus has no filter templates on either backend, so filter strings are built here, and only
-  from values that cannot break out of a string literal: tenant ids, model names and
-  fingerprints are checked against strict alphabets with no quote or backslash, and free text
-  never enters a filter at all: Invalidate-by-prompt and ``replace`` filter on
-  ``prompt_sha256``, a hex digest stored beside the prompt. :func:`literal` escapes anyway.
+  from values that cannot break out of a string literal (``services.cache.bounds``):
+  Invalidate-by-prompt and ``replace`` filter on ``prompt_sha256``, never on free text.
 * **TTL is ours, not Milvus'.** Neither milvus-lite 3.2.2 nor Milvus 2.3.5 enforces a
   collection TTL at query time, so every read filters on ``expires_at > now`` and a sweeper
   deletes expired rows. ``expires_at`` is written once; hits never touch the row, so a TTL is
@@ -29,11 +25,7 @@ Why it is built the way it is:
   ``flush_seconds``. A Milvus server seals and indexes segments by itself; a flush there seals
   tiny segments and blocks for seconds (1-6 s measured on 2.3.5), so the cache never flushes a
   server on its own.
-* **An entry is one row**, written by one insert, so a reader sees all of it or none of it.
-  Milvus 2.3.5 caps VARCHAR at 65535 bytes (one short of the contract's 64 KiB) and ARRAY at
-  4096 elements (the contract allows 16384 token ids; JSON is capped at 65536 bytes, too small
-  for them as text), so the last bytes of a maximal prompt or answer go to a small
-  ``*_tail`` field and token ids to four ARRAY<INT32> fields. Both backends accept the result.
+* **An entry is one row** (``services.cache.rows``).
 * **Writes are serialized** (one lock): milvus-lite wants a single writer, ``replace`` is a
   delete followed by an insert, and counts of deleted rows must be exact, which Milvus' delete
   result is not on every version: rows are first queried by filter, then deleted by id.
@@ -44,108 +36,35 @@ Why it is built the way it is:
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import math
-import os
-import re
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import grpc
-from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
-
-from spotmesh.statedir import StateDir, state_dir
-from spotmesh.validation import TENANT_ID, InvalidField
-
-# --- the contract's bounds (protos/spotmesh/v1/cache.proto) ----------------------------------
-
-# Served model names and hub ids ("org/name", "name:tag", "name@rev"); no quote, no backslash,
-# no space, so a validated name is inert inside a double-quoted filter literal.
-MODEL_RE = re.compile(r"[A-Za-z0-9_.:/@+-]{1,256}")
-# spotmesh.sampling.fingerprint is 32 hex digits; other callers may use any short token.
-FINGERPRINT_RE = re.compile(r"[A-Za-z0-9_.:=+/-]{1,128}")
-MAX_TEXT_BYTES = 64 * 1024
-MAX_TOKEN_IDS = 16384
-MAX_TTL_SECONDS = 30 * 24 * 3600.0
-INT32_MAX = 2**31 - 1
-
-# --- what both backends accept ---------------------------------------------------------------
-
-VARCHAR_MAX_BYTES = 65535  # Milvus 2.3.5's VARCHAR ceiling (bytes on the server)
-# The head holds at most VARCHAR_MAX_BYTES on a character boundary, so the tail holds the rest:
-# at most MAX_TEXT_BYTES - (VARCHAR_MAX_BYTES - 3) bytes.
-TAIL_MAX_BYTES = MAX_TEXT_BYTES - VARCHAR_MAX_BYTES + 3
-ARRAY_MAX_CAPACITY = 4096  # Milvus 2.3.5's ARRAY ceiling
-TOKEN_ID_FIELDS = tuple(
-    "token_ids" if i == 0 else f"token_ids_{i}" for i in range(MAX_TOKEN_IDS // ARRAY_MAX_CAPACITY)
+from services.cache.answers import Answer, Hit, Stats, Stored
+from services.cache.bounds import (
+    check_answer,
+    check_fingerprint,
+    check_model,
+    check_tenant,
+    check_text,
+    check_threshold,
+    check_ttl,
+    literal,
+    prompt_sha256,
 )
-HNSW_PARAMS = {"M": 16, "efConstruction": 200}
+from services.cache.milvus import CacheUnavailable, MilvusCollection
+from services.cache.options import CacheOptions
+from services.cache.rows import ANSWER_FIELDS, decode, encode, number
+from spotmesh.validation import InvalidField
+
 SEARCH_EF = 64
 # Rows fetched per round when counting or deleting by filter (a Milvus query returns at most
 # 16384 rows at a time).
 QUERY_BATCH = 4096
-LOAD_TIMEOUT_SECONDS = 120.0
-
-ANSWER_FIELDS = [
-    "id", "tenant", "model", "fingerprint", "prompt", "prompt_tail", "text", "text_tail",
-    *TOKEN_ID_FIELDS, "created_at", "expires_at", "finish_reason", "prompt_tokens",
-    "cached_prompt_tokens", "completion_tokens", "cost_usd", "replica_seconds",
-]
-
-
-class CacheUnavailable(RuntimeError):
-    """Milvus could not be reached or failed; the request may be retried later."""
-
-
-class CacheSchemaError(RuntimeError):
-    """The collection exists with a shape this cache cannot use (e.g. another dimension)."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A whole generated answer and what producing it cost."""
-
-    prompt: str
-    text: str
-    token_ids: tuple[int, ...] = ()
-    finish_reason: int = 0  # spotmesh.v1.FinishReason
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    replica_seconds: float = 0.0
-
-
-@dataclass(frozen=True)
-class Hit:
-    entry_id: str
-    answer: Answer
-    similarity: float  # cosine similarity between the lookup vector and the entry's
-    created_at: float  # unix seconds
-    expires_at: float
-
-
-@dataclass(frozen=True)
-class Stored:
-    entry_id: str
-    replaced: int  # rows deleted first (``replace``)
-
-
-@dataclass(frozen=True)
-class Stats:
-    entries: int  # unexpired rows
-    lookups: int  # since this process started
-    hits: int
-    stores: int
-    expired_swept: int
 
 
 @dataclass
@@ -162,147 +81,6 @@ class _Counters:
         self.expired_swept += other.expired_swept
 
 
-def literal(value: str) -> str:
-    """``value`` as a double-quoted Milvus filter string literal."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def prompt_sha256(prompt: str) -> str:
-    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
-
-
-def check_tenant(tenant: str, name: str = "tenant") -> str:
-    if not TENANT_ID.fullmatch(tenant):
-        raise InvalidField(name, "must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    return tenant
-
-
-def check_model(model: str, name: str = "model") -> str:
-    if not MODEL_RE.fullmatch(model):
-        raise InvalidField(name, "must be 1-256 characters of A-Z a-z 0-9 _ . : / @ + -")
-    return model
-
-
-def check_fingerprint(fp: str) -> str:
-    if not FINGERPRINT_RE.fullmatch(fp):
-        raise InvalidField("sampling_fingerprint",
-                           "must be 1-128 characters of A-Z a-z 0-9 _ . : = + / -")
-    return fp
-
-
-def check_text(value: str, name: str) -> str:
-    if not value:
-        raise InvalidField(name, "is empty")
-    size = len(value.encode("utf-8"))
-    if size > MAX_TEXT_BYTES:
-        raise InvalidField(name, f"is {size} bytes of UTF-8; the limit is {MAX_TEXT_BYTES}")
-    return value
-
-
-def check_threshold(threshold: float) -> float:
-    if not 0.0 <= threshold <= 1.0:  # also false for NaN
-        raise InvalidField("threshold", f"must be in [0, 1], not {threshold}")
-    return float(threshold)
-
-
-def check_ttl(ttl_seconds: float) -> float:
-    if not 0.0 < ttl_seconds <= MAX_TTL_SECONDS:
-        raise InvalidField("ttl_seconds",
-                           f"must be > 0 and at most {MAX_TTL_SECONDS:.0f} (30 days), "
-                           f"not {ttl_seconds}")
-    return float(ttl_seconds)
-
-
-def check_answer(a: Answer) -> Answer:
-    check_text(a.prompt, "prompt")
-    check_text(a.text, "text")
-    if len(a.token_ids) > MAX_TOKEN_IDS:
-        raise InvalidField("token_ids", f"has {len(a.token_ids)} ids; the limit is "
-                           f"{MAX_TOKEN_IDS}")
-    for i, t in enumerate(a.token_ids):
-        if not 0 <= t <= INT32_MAX:
-            raise InvalidField(f"token_ids[{i}]", f"must be a token id >= 0, not {t}")
-    for name in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens"):
-        if not 0 <= getattr(a, name) <= INT32_MAX:
-            raise InvalidField(f"usage.{name}", "must be >= 0")
-    for name in ("cost_usd", "replica_seconds"):
-        v = getattr(a, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise InvalidField(name, f"must be a finite number >= 0, not {v}")
-    return a
-
-
-def _split_utf8(value: str) -> tuple[str, str]:
-    """(head, tail) with head at most VARCHAR_MAX_BYTES of UTF-8, cut between characters."""
-    data = value.encode("utf-8")
-    if len(data) <= VARCHAR_MAX_BYTES:
-        return value, ""
-    cut = VARCHAR_MAX_BYTES
-    while data[cut] & 0xC0 == 0x80:  # a continuation byte: back up to the character's start
-        cut -= 1
-    return data[:cut].decode("utf-8"), data[cut:].decode("utf-8")
-
-
-def build_schema(dim: int):
-    """The collection's schema; every type and bound is accepted by milvus-lite 3.2.2 and by
-    Milvus 2.3.5 (see the module docstring)."""
-    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=36)
-    s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-    s.add_field("tenant", DataType.VARCHAR, max_length=64)
-    s.add_field("model", DataType.VARCHAR, max_length=256)
-    s.add_field("fingerprint", DataType.VARCHAR, max_length=128)
-    s.add_field("prompt_sha256", DataType.VARCHAR, max_length=64)
-    s.add_field("prompt", DataType.VARCHAR, max_length=VARCHAR_MAX_BYTES)
-    s.add_field("prompt_tail", DataType.VARCHAR, max_length=TAIL_MAX_BYTES)
-    s.add_field("text", DataType.VARCHAR, max_length=VARCHAR_MAX_BYTES)
-    s.add_field("text_tail", DataType.VARCHAR, max_length=TAIL_MAX_BYTES)
-    for name in TOKEN_ID_FIELDS:
-        s.add_field(name, DataType.ARRAY, element_type=DataType.INT32,
-                    max_capacity=ARRAY_MAX_CAPACITY)
-    s.add_field("created_at", DataType.DOUBLE)
-    s.add_field("expires_at", DataType.DOUBLE)
-    s.add_field("finish_reason", DataType.INT32)
-    s.add_field("prompt_tokens", DataType.INT64)
-    s.add_field("cached_prompt_tokens", DataType.INT64)
-    s.add_field("completion_tokens", DataType.INT64)
-    s.add_field("cost_usd", DataType.DOUBLE)
-    s.add_field("replica_seconds", DataType.DOUBLE)
-    return s
-
-
-def is_local(uri: str) -> bool:
-    """A milvus-lite data path (pymilvus runs milvus-lite in-process for ``*.db``)."""
-    return uri.endswith(".db")
-
-
-@dataclass
-class CacheOptions:
-    uri: str
-    token: str = ""
-    collection: str = "spotmesh_semantic_cache"
-    dim: int = 384  # all-MiniLM-L6-v2
-    flush_every: int = 256  # writes between flushes; 0: only on the timer and at close
-    flush_seconds: float = 5.0  # flush pending writes at least this often; 0: never on a timer
-    sweep_seconds: float = 60.0  # how often the sweeper deletes expired rows
-    timeout_seconds: float = 10.0  # per Milvus call, retries included
-    # After a failed connection attempt, calls fail at once for this long instead of each
-    # waiting out its own attempt (a Milvus outage must not make every lookup slow).
-    reconnect_seconds: float = 1.0
-    # Consistency of lookups on a Milvus server (milvus-lite reads its own writes regardless).
-    # Session makes every lookup wait until this process's latest store is visible: with a
-    # steady stream of stores that is ~150 ms a lookup on Milvus 2.3.5. Bounded reads a
-    # slightly stale view (an answer stored a moment ago may miss once) at search latency.
-    lookup_consistency: str = "Session"
-    # Tenants whose lookup/hit/store counters are kept apart. A service-token holder can name
-    # any tenant, so beyond this the least recently counted tenant's counters are folded into
-    # the all-tenant totals (which stay exact) and its own figures start again from zero.
-    max_tenant_stats: int = 10_000
-
-
-LOOKUP_CONSISTENCY = ("Session", "Bounded", "Eventually", "Strong")
-
-
 class SemanticCache:
     """Whole answers keyed by prompt embeddings, isolated per tenant (see module docstring).
 
@@ -317,123 +95,25 @@ class SemanticCache:
         self.options = options
         self.dim = options.dim
         self.collection = options.collection
-        self._client: MilvusClient | None = None
-        self._connect_lock = threading.Lock()
+        self._milvus = MilvusCollection(options)
         self._write_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self._last_failed_connect = -math.inf
-        self._last_error = ""
         # Only milvus-lite needs flushing from us (see module docstring).
-        self._auto_flush = is_local(options.uri)
+        self._auto_flush = self._milvus.local
         self._unflushed = 0
         self._last_flush = time.monotonic()
         self._last_sweep = time.monotonic()
         self._counters: OrderedDict[str, _Counters] = OrderedDict()
         self._folded = _Counters()  # counts of tenants dropped from _counters
-        self._closed = False
-        if is_local(options.uri):
+        if self._milvus.local:
             # No server to wait for: a data directory that cannot be opened (locked by another
             # process, unwritable) is a configuration error, reported at start.
             Path(options.uri).parent.mkdir(parents=True, exist_ok=True)
             try:
-                self._connected()
+                self._milvus.client()
             except BaseException:
                 self.close()
                 raise
-
-    # --- connection ---------------------------------------------------------------------------
-
-    def _connected(self) -> MilvusClient:
-        client = self._client
-        if client is not None:
-            return client
-        if self._closed:
-            raise CacheUnavailable("the semantic cache is closed")
-        with self._connect_lock:
-            if self._client is not None:
-                return self._client
-            if time.monotonic() - self._last_failed_connect < self.options.reconnect_seconds:
-                raise CacheUnavailable(self._last_error)
-            try:
-                # Dedicated: pymilvus otherwise shares one connection per URI across clients
-                # and keeps a broken one after the server restarts.
-                client = MilvusClient(uri=self.options.uri, token=self.options.token,
-                                      timeout=self.options.timeout_seconds, dedicated=True)
-            except (MilvusException, grpc.RpcError, OSError) as exc:
-                raise self._unreachable(exc, _lite_problem(self.options.uri)) from None
-            try:
-                self._ensure_collection(client)
-            except CacheSchemaError:
-                client.close()
-                raise
-            except (MilvusException, grpc.RpcError, OSError) as exc:
-                client.close()
-                raise self._unreachable(exc) from None
-            self._client = client
-            return client
-
-    def _unreachable(self, exc: BaseException, why: str | None = None) -> CacheUnavailable:
-        self._last_failed_connect = time.monotonic()
-        what = ("cannot open milvus-lite data at" if is_local(self.options.uri)
-                else "cannot reach Milvus at")
-        self._last_error = f"{what} {self._where()}: {why or _reason(exc)}"
-        return CacheUnavailable(self._last_error)
-
-    def _where(self) -> str:
-        """The URI without credentials (``https://user:password@host`` is a valid URI, and
-        these messages reach callers)."""
-        parts = urlsplit(self.options.uri)
-        if parts.username is None and parts.password is None:
-            return self.options.uri
-        host = parts.hostname or ""
-        netloc = f"{host}:{parts.port}" if parts.port else host
-        return urlunsplit(parts._replace(netloc=netloc))
-
-    def _ensure_collection(self, client: MilvusClient) -> None:
-        name = self.collection
-        t = self.options.timeout_seconds
-        # Loading after a server restart waits for segments and indexes (measured ~10-40 s on
-        # Milvus 2.3.5 standalone); that is start-up, not a request, so it gets its own bound.
-        load_t = max(t, LOAD_TIMEOUT_SECONDS)
-        if not client.has_collection(name, timeout=t):
-            try:
-                # Session: a process reads its own writes at once; Bounded would hide fresh
-                # entries for a while, Strong costs ~200 ms a read on a server.
-                client.create_collection(name, schema=build_schema(self.dim),
-                                         consistency_level="Session", timeout=t)
-            except MilvusException:
-                # Another process sharing the server may have created it first.
-                if not client.has_collection(name, timeout=t):
-                    raise
-        if not client.list_indexes(name, timeout=t):
-            index = client.prepare_index_params()
-            index.add_index("vector", index_type="HNSW", metric_type="COSINE",
-                            params=HNSW_PARAMS)
-            # Not waiting: the server builds per segment in the background, and milvus-lite
-            # lacks the timestamp call pymilvus waits with.
-            client.create_index(name, index, timeout=t, sync=False)
-        desc = client.describe_collection(name, timeout=t)
-        fields = {f["name"]: f for f in desc["fields"]}
-        missing = [f for f in ("vector", "tenant", "prompt_sha256", "expires_at",
-                               *TOKEN_ID_FIELDS) if f not in fields]
-        if missing:
-            raise CacheSchemaError(f"collection {name!r} exists without the field(s) "
-                                   f"{', '.join(missing)}; use another --collection")
-        dim = int(fields["vector"]["params"]["dim"])
-        if dim != self.dim:
-            raise CacheSchemaError(f"collection {name!r} holds {dim}-dimensional vectors; this "
-                                   f"cache is configured for {self.dim}")
-        client.load_collection(name, timeout=load_t)
-
-    def _call(self, fn, *args, **kwargs):
-        """One Milvus call, with backend failures turned into :class:`CacheUnavailable`."""
-        client = self._connected()
-        try:
-            return getattr(client, fn)(self.collection, *args,
-                                       timeout=self.options.timeout_seconds, **kwargs)
-        except (MilvusException, grpc.RpcError, OSError) as exc:
-            raise CacheUnavailable(f"Milvus at {self._where()} failed ({fn}): "
-                                   f"{_reason(exc)}") from None
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -466,9 +146,9 @@ class SemanticCache:
         values = self.check_vector(vector)
         check_threshold(threshold)
         # The filter holds ``now`` to the microsecond; the check below must see the same value.
-        now = float(_number(time.time() if now is None else now))
-        rows = self._call(
-            "search", [values], filter=f"{scope} and expires_at > {_number(now)}", limit=1,
+        now = float(number(time.time() if now is None else now))
+        rows = self._milvus.call(
+            "search", [values], filter=f"{scope} and expires_at > {number(now)}", limit=1,
             output_fields=ANSWER_FIELDS,
             search_params={"metric_type": "COSINE", "params": {"ef": SEARCH_EF}},
             consistency_level=self.options.lookup_consistency,
@@ -482,10 +162,10 @@ class SemanticCache:
             # backend bug can hand one tenant another's answer or an expired one.
             if (e["tenant"], e["model"], e["fingerprint"]) != (tenant, model, fingerprint) \
                     or not e["expires_at"] > now:
-                raise CacheUnavailable(f"Milvus at {self._where()} returned an entry outside "
-                                       "the lookup's filter; refusing to use it")
+                raise CacheUnavailable(f"Milvus at {self._milvus.where()} returned an entry "
+                                       "outside the lookup's filter; refusing to use it")
             if similarity >= threshold:
-                hit = _hit(e, similarity)
+                hit = decode(e, similarity)
         self._count(tenant, lookups=1, hits=1 if hit else 0)
         return hit
 
@@ -504,7 +184,7 @@ class SemanticCache:
                 # what a REFRESH asked for, and no reader ever sees two answers for one prompt.
                 replaced = self._delete_where(
                     f"{scope} and prompt_sha256 == {literal(row['prompt_sha256'])}")
-            self._call("insert", [row])
+            self._milvus.call("insert", [row])
             self._wrote(1 + replaced)
         self._count(tenant, stores=1)
         return Stored(row["id"], replaced)
@@ -521,7 +201,7 @@ class SemanticCache:
         if not rows:
             return []
         with self._write_lock:
-            self._call("insert", rows)
+            self._milvus.call("insert", rows)
             self._wrote(len(rows))
         for row in rows:
             self._count(row["tenant"], stores=1)
@@ -533,32 +213,8 @@ class SemanticCache:
         values = self.check_vector(vector)
         check_answer(answer)
         check_ttl(ttl_seconds)
-        now = time.time() if now is None else now
-        prompt, prompt_tail = _split_utf8(answer.prompt)
-        text, text_tail = _split_utf8(answer.text)
-        ids = list(answer.token_ids)
-        return {
-            "id": str(uuid.uuid4()),
-            "vector": values,
-            "tenant": tenant,
-            "model": model,
-            "fingerprint": fingerprint,
-            "prompt_sha256": prompt_sha256(answer.prompt),
-            "prompt": prompt,
-            "prompt_tail": prompt_tail,
-            "text": text,
-            "text_tail": text_tail,
-            **{name: ids[i * ARRAY_MAX_CAPACITY:(i + 1) * ARRAY_MAX_CAPACITY]
-               for i, name in enumerate(TOKEN_ID_FIELDS)},
-            "created_at": float(now),
-            "expires_at": float(now) + ttl_seconds,
-            "finish_reason": int(answer.finish_reason),
-            "prompt_tokens": int(answer.prompt_tokens),
-            "cached_prompt_tokens": int(answer.cached_prompt_tokens),
-            "completion_tokens": int(answer.completion_tokens),
-            "cost_usd": float(answer.cost_usd),
-            "replica_seconds": float(answer.replica_seconds),
-        }
+        return encode(tenant, model, fingerprint, values, answer, ttl_seconds,
+                      time.time() if now is None else now)
 
     def invalidate(self, *, tenant: str = "", model: str = "", prompt: str = "") -> int:
         """Delete every entry matching all the filters given (at least one); the count."""
@@ -584,7 +240,7 @@ class SemanticCache:
         now = time.time() if now is None else now
         swept: dict[str, int] = {}
         with self._write_lock:
-            total = self._delete_where(f"expires_at <= {_number(now)}", per_tenant=swept)
+            total = self._delete_where(f"expires_at <= {number(now)}", per_tenant=swept)
             self._wrote(total)
             self._last_sweep = time.monotonic()
         for tenant, n in swept.items():
@@ -594,10 +250,10 @@ class SemanticCache:
     def count(self, tenant: str = "", now: float | None = None) -> int:
         """Unexpired entries, of one tenant or all."""
         now = time.time() if now is None else now
-        where = f"expires_at > {_number(now)}"
+        where = f"expires_at > {number(now)}"
         if tenant:
             where = f"tenant == {literal(check_tenant(tenant))} and {where}"
-        rows = self._call("query", filter=where, output_fields=["count(*)"])
+        rows = self._milvus.call("query", filter=where, output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
     def stats(self, tenant: str = "", now: float | None = None) -> Stats:
@@ -616,7 +272,7 @@ class SemanticCache:
         a server this seals whatever is growing, however small, and waits for it (seconds)."""
         with self._write_lock:
             if self._unflushed or not self._auto_flush:
-                self._call("flush")
+                self._milvus.call("flush")
             self._unflushed = 0
             self._last_flush = time.monotonic()
 
@@ -638,38 +294,30 @@ class SemanticCache:
     def index_progress(self) -> tuple[int, int] | None:
         """(indexed rows, total rows) of the vector index where the backend builds it in the
         background (a server); None where it is built at flush (milvus-lite)."""
-        if is_local(self.options.uri):
+        if self._milvus.local:
             return None
-        info = self._call("describe_index", index_name="vector")
+        info = self._milvus.call("describe_index", index_name="vector")
         return int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0))
 
     def drop_collection(self) -> None:
         """Delete the collection and everything in it (benchmarks and tests)."""
         with self._write_lock:
-            client = self._connected()
-            try:
-                client.drop_collection(self.collection, timeout=self.options.timeout_seconds)
-            except (MilvusException, grpc.RpcError, OSError) as exc:
-                raise CacheUnavailable(f"Milvus at {self._where()} failed (drop_collection): "
-                                       f"{_reason(exc)}") from None
+            self._milvus.drop()
             self._unflushed = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._milvus.closed
 
     def close(self) -> None:
         """Flush and disconnect; for milvus-lite also release the data directory."""
-        if self._closed:
+        if self._milvus.closed:
             return
         try:
-            if self._client is not None and self._unflushed:
+            if self._milvus.connected and self._unflushed:
                 self.flush()
         finally:
-            self._closed = True
-            client, self._client = self._client, None
-            if client is not None:
-                client.close()
-            if is_local(self.options.uri):
-                from milvus_lite.server_manager import server_manager_instance
-
-                server_manager_instance.release_server(self.options.uri)
+            self._milvus.close()
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -684,10 +332,10 @@ class SemanticCache:
         deleted = 0
         out = ["id", "tenant"] if per_tenant is not None else ["id"]
         while True:
-            rows = self._call("query", filter=where, output_fields=out, limit=QUERY_BATCH)
+            rows = self._milvus.call("query", filter=where, output_fields=out, limit=QUERY_BATCH)
             if not rows:
                 return deleted
-            self._call("delete", ids=[r["id"] for r in rows])
+            self._milvus.call("delete", ids=[r["id"] for r in rows])
             deleted += len(rows)
             if per_tenant is not None:
                 for r in rows:
@@ -697,8 +345,8 @@ class SemanticCache:
                 return deleted
 
     def _await_deletes(self) -> None:
-        if not is_local(self.options.uri):
-            self._call("query", filter="", ids=["-"], output_fields=["id"],
+        if not self._milvus.local:
+            self._milvus.call("query", filter="", ids=["-"], output_fields=["id"],
                        consistency_level="Strong")
 
     def _wrote(self, n: int) -> None:
@@ -707,7 +355,7 @@ class SemanticCache:
         self._unflushed += n
         every = self.options.flush_every
         if every > 0 and self._unflushed >= every:
-            self._call("flush")
+            self._milvus.call("flush")
             self._unflushed = 0
             self._last_flush = time.monotonic()
 
@@ -722,65 +370,3 @@ class SemanticCache:
                 self._counters.move_to_end(tenant)
             for k, v in inc.items():
                 setattr(c, k, getattr(c, k) + v)
-
-
-def _number(x: float) -> str:
-    # Fixed-point: no exponent for the filter parser to misread, microsecond resolution.
-    return f"{x:.6f}"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, MilvusException):
-        return exc.message or repr(exc)
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc) or type(exc).__name__
-
-
-def _lite_problem(uri: str) -> str | None:
-    """Why milvus-lite could not open ``uri``, where pymilvus only says it failed: most often
-    another process holds the data directory (milvus-lite allows one)."""
-    if not is_local(uri):
-        return None
-    lock = Path(uri) / "LOCK"
-    try:
-        fd = os.open(lock, os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError:
-        return (f"another process holds {uri} (milvus-lite allows one process per data "
-                "directory; to share it, run `milvus-lite server` and connect by URI)")
-    finally:
-        os.close(fd)
-    return None
-
-
-def _hit(e: dict, similarity: float) -> Hit:
-    token_ids: list[int] = []
-    for name in TOKEN_ID_FIELDS:
-        token_ids.extend(e.get(name) or ())
-    return Hit(
-        entry_id=e["id"],
-        answer=Answer(
-            prompt=e["prompt"] + (e.get("prompt_tail") or ""),
-            text=e["text"] + (e.get("text_tail") or ""),
-            token_ids=tuple(int(t) for t in token_ids),
-            finish_reason=int(e["finish_reason"]),
-            prompt_tokens=int(e["prompt_tokens"]),
-            cached_prompt_tokens=int(e["cached_prompt_tokens"]),
-            completion_tokens=int(e["completion_tokens"]),
-            cost_usd=float(e["cost_usd"]),
-            replica_seconds=float(e["replica_seconds"]),
-        ),
-        similarity=similarity,
-        created_at=float(e["created_at"]),
-        expires_at=float(e["expires_at"]),
-    )
-
-
-def default_uri(state: str | os.PathLike | None = None) -> str:
-    """milvus-lite under the spotmesh state directory: a restarted cache keeps its answers."""
-    return StateDir(state_dir(str(state) if state else None)).standalone_semantic_cache_uri

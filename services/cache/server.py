@@ -22,16 +22,12 @@ from typing import Any, TypeVar
 
 import grpc
 
+from services.cache.answers import Answer, Hit
 from services.cache.auth import ROLE_ADMIN, ROLE_SERVICE, Denied, TokenAuth
+from services.cache.bounds import check_tenant
 from services.cache.metrics import HITS, LOOKUP_LATENCY, LOOKUPS, STORES, TenantLabels
-from services.cache.semantic import (
-    Answer,
-    CacheSchemaError,
-    CacheUnavailable,
-    Hit,
-    SemanticCache,
-    check_tenant,
-)
+from services.cache.milvus import CacheSchemaError, CacheUnavailable
+from services.cache.semantic import SemanticCache
 from spotmesh.runtime import fields
 from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from spotmesh.validation import InvalidField

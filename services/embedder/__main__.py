@@ -13,7 +13,8 @@ import time
 
 from services.embedder.batcher import MicroBatcher
 from services.embedder.config import EmbedderConfig, parse
-from services.embedder.model import EncoderUnavailable, load_encoder
+from services.embedder.encoders import EncoderUnavailable
+from services.embedder.model import load_encoder
 from services.embedder.server import EmbedderServicer
 from spotmesh.runtime import ServerProcess, add_servicer, fields, run, setup_logging
 from spotmesh.v1 import embedder_pb2

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client import Counter, Gauge, Histogram
 
-from services.embedder.model import Encoder
+from services.embedder.encoders import Encoder
 from spotmesh.runtime import cancel_and_wait
 
 BATCH_SIZE = Histogram(
