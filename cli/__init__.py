@@ -9,7 +9,15 @@ imports it (``tests/test_layers.py`` checks).
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+
+def write_json(path: str, doc: object) -> None:
+    """A result document, indented, creating the directory it goes in."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def say(msg: str) -> None:

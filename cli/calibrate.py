@@ -17,14 +17,13 @@ Two data formats:
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from cli import write_json
 from cli.datasets import read_intents, read_stsb
 
 THRESHOLDS = [round(0.50 + 0.01 * i, 2) for i in range(51)]
@@ -151,14 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nchosen threshold {chosen.threshold:.2f}: precision {chosen.precision:.4f}, "
               f"hit rate {chosen.hit_rate:.4f} (set cache_threshold in the keys file)")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({
+        write_json(a.json, {
             "format": a.format, "data": data, "embedder": {"model": encoder.name,
                                                            "backend": encoder.backend},
             "target_precision": a.target_precision,
             "chosen": asdict(chosen) if chosen else None,
             "thresholds": [asdict(r) for r in rows],
-        }, indent=2))
+        })
     return 0 if chosen is not None else 1
 
 

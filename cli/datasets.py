@@ -43,6 +43,15 @@ def default_file(relative: str, what: str, flag: str) -> str:
     return str(d / relative)
 
 
+def open_data(path: str, what: str):
+    """``path`` opened for reading as text (newlines as they are, for csv), or one line saying
+    why it cannot be."""
+    try:
+        return open(path, newline="")
+    except OSError as exc:
+        raise SystemExit(f"{path}: cannot read {what}: {exc.strerror}") from None
+
+
 # --- field errors -----------------------------------------------------------------------------
 
 
@@ -92,11 +101,7 @@ def parse_timestamp(value: str) -> float:
 
 def csv_header(path: str, what: str) -> list[str]:
     """The stripped column names of a CSV file's first line."""
-    try:
-        f = open(path, newline="")
-    except OSError as exc:
-        raise SystemExit(f"{path}: cannot read {what}: {exc.strerror}") from None
-    with f:
+    with open_data(path, what) as f:
         header = next(csv.reader(f), None)
     if header is None:
         raise fail(path, None, None, "empty file: no header, no requests")
@@ -124,11 +129,7 @@ def is_azure_trace(header: list[str]) -> bool:
 def read_azure_trace(path: str) -> list[TraceRequest]:
     """Every request of an Azure LLM trace CSV (``TIMESTAMP,ContextTokens,GeneratedTokens``),
     in arrival order."""
-    try:
-        f = open(path, newline="")
-    except OSError as exc:
-        raise SystemExit(f"{path}: cannot read the trace: {exc.strerror}") from None
-    with f:
+    with open_data(path, "the trace") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
@@ -183,11 +184,7 @@ def read_system_prompts(path: str) -> list[str]:
     """Every non-empty ``prompt`` of a JSONL file, in file order (the awesome-chatgpt-prompts
     system prompts, or any file of that shape)."""
     prompts = []
-    try:
-        f = open(path)
-    except OSError as exc:
-        raise SystemExit(f"{path}: cannot read prompts: {exc.strerror}") from None
-    with f:
+    with open_data(path, "prompts") as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shlex
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import write_json
 from cli.datasets import BANKING77, default_file
 from cli.stats import latency_ms
 from spotmesh.home import DEFAULT_MODEL_NAME
@@ -222,8 +222,7 @@ def main(a) -> int:
           f"p99 {result['miss_latency_ms']['p99']}")
     print(f"saved ${result['saved_usd']:.8f} ({result['saved_replica_seconds']} replica-seconds)")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2))
+        write_json(a.json, doc)
         print(f"wrote {a.json}")
     return 0
 

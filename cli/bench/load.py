@@ -28,12 +28,12 @@ needs the gateway's process and its /metrics). Progress goes to stderr, the tabl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 from pathlib import Path
 
+from cli import write_json
 from cli.bench.load_concurrency import print_concurrency_table, run_concurrency
 from cli.bench.load_trace import TRACE_CHANNELS, print_trace_table, run_trace
 from cli.bench.streams import CLIENTS_PER_CHANNEL, raise_open_file_limit
@@ -171,8 +171,7 @@ def main(a) -> int:
         print_concurrency_table(doc)
         errors = sum(r["errors"] for run in doc["runs"] for r in run["levels"])
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(a.json, doc)
         print(f"wrote {a.json}")
     if a.plot and doc["mode"] == "trace":
         print(f"wrote {a.plot}")

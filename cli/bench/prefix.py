@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from cli import write_json
 from cli.bench.serve import closed_loop
 from cli.bench.workload import QUESTIONS, popularity
 from cli.datasets import SYSTEM_PROMPTS, default_file, read_system_prompts
@@ -247,8 +248,7 @@ def main(a) -> int:
               f"{r['ttft_ms_p50'] or 0:>9.1f} {r['ttft_ms_p99'] or 0:>9.1f} {r['errors']:>6}  "
               f"{r['requests_per_replica']}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(a.json, doc)
         print(f"wrote {a.json}")
     return 0 if all(r["errors"] == 0 for r in results.values()) else 1
 

@@ -19,8 +19,8 @@ import json
 import random
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from cli import write_json
 from cli.datasets import MOONCAKE_TRACE, default_file
 from services.gateway.routing.candidate import Candidate, RouteRequest
 from services.gateway.routing.pipeline import Weights, weighted_router
@@ -149,8 +149,7 @@ def main(a) -> int:
     print(f"spotmesh reaches {doc['spotmesh_fraction_of_upper_bound']} of the upper bound's "
           "block hit ratio")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2))
+        write_json(a.json, doc)
         print(f"wrote {a.json}")
     return 0
 

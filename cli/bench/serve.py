@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cli import write_json
 from cli.bench.procstat import process_cpu_seconds
 from cli.datasets import SYSTEM_PROMPTS, default_file, read_system_prompts
 from cli.stats import latency_ms
@@ -229,8 +229,7 @@ def main(a) -> int:
               f"{d['ttft_ms_p50']:>11.1f}/{d['ttft_ms_p99']:<11.1f} "
               f"{r['ttft_ms_p50_added']:>9.1f}")
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2))
+        write_json(a.json, doc)
         print(f"\nwrote {a.json}")
     errors = sum(r["mesh"]["errors"] + r["direct"]["errors"] for r in runs)
     return 1 if errors else 0

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import write_json
 from cli.stats import percentile
 from services.cache.answers import Answer
 from services.cache.options import CacheOptions
@@ -224,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(json.dumps(doc, indent=2))
     if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(a.json, doc)
     return 0
 
 

@@ -22,7 +22,6 @@ Progress goes to stderr, the table to stdout, everything to ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import write_json
 from cli.datasets import BANKING77, STSB, data_dir, read_intents, read_stsb
 from cli.stats import percentile
 from services.embedder.encoders import Encoder
@@ -500,8 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             "default": default,
             "reason": reason,
         }
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(doc, indent=2) + "\n")
+        write_json(a.json, doc)
         progress(f"wrote {a.json}")
     return 0
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import cli.simulate
+from cli import write_json
 from cli.simulate.profile import DEFAULT_PROFILE, load_profile
 from cli.simulate.report import format_table, write_plot
 from cli.simulate.run import run_scenario
@@ -157,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         f"/h, on-demand ${sc.prices.on_demand_usd_per_hour}/h)")
     report = run_scenario(sc, policies, log)
     doc = {k: v for k, v in report.items() if not k.startswith("_")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    write_json(args.json, doc)
     log(f"wrote {args.json}")
     if args.plot:
         write_plot(report, args.plot)

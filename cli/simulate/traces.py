@@ -20,6 +20,7 @@ from cli.datasets import (
     float_field,
     int_field,
     is_azure_trace,
+    open_data,
     read_azure_trace,
     read_minute_counts,
 )
@@ -140,11 +141,7 @@ class Availability:
 
 def load_availability(path: str, zones: Sequence[str] = ()) -> Availability:
     """Read `tick,t_seconds,<zone columns>`; each zone value is instances obtainable then."""
-    try:
-        f = open(path, newline="")
-    except OSError as exc:
-        raise SystemExit(f"{path}: cannot read spot availability: {exc.strerror}") from None
-    with f:
+    with open_data(path, "spot availability") as f:
         reader = csv.reader(f)
         header = [h.strip() for h in next(reader, [])]
         if header[:2] != ["tick", "t_seconds"] or len(header) < 3:
@@ -262,11 +259,7 @@ def load_spot_price(path: str, instance_type: str, zones: Sequence[str] = (),
 def load_on_demand_price(path: str, instance_type: str) -> float:
     """`instance_type`'s on-demand hourly price from a CSV with instance_type and
     on_demand_usd_per_hour columns."""
-    try:
-        f = open(path, newline="")
-    except OSError as exc:
-        raise SystemExit(f"{path}: cannot read on-demand prices: {exc.strerror}") from None
-    with f:
+    with open_data(path, "on-demand prices") as f:
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         for k in ("instance_type", "on_demand_usd_per_hour"):
