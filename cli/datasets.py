@@ -162,7 +162,7 @@ def read_minute_counts(path: str) -> list[float]:
     """The counts column of a per-minute invocation trace (``minute,count``, e.g. the Azure
     Functions trace SpotHedge replays), one value per minute in file order."""
     counts: list[float] = []
-    with open(path, newline="") as f:
+    with open_data(path, "per-minute counts") as f:
         reader = csv.reader(f)
         cols = [h.strip() for h in next(reader, [])]
         for line, row in enumerate(reader, start=2):
@@ -210,7 +210,7 @@ class LabelledQuery:
 
 def read_intents(path: str) -> list[LabelledQuery]:
     """Every non-empty query of a ``split,intent,text`` CSV, in file order."""
-    with open(path, newline="") as f:
+    with open_data(path, "labelled queries") as f:
         return [LabelledQuery(row["split"], row["intent"], row["text"].strip())
                 for row in csv.DictReader(f) if row["text"].strip()]
 
@@ -227,7 +227,7 @@ class ScoredPairs:
 def read_stsb(path: str, split: str = "test") -> ScoredPairs:
     """The pairs of one split of a ``split, score_0_5, sentence1, sentence2`` TSV."""
     s1, s2, scores = [], [], []
-    with open(path, newline="") as f:
+    with open_data(path, "sentence pairs") as f:
         # Sentences contain bare quotes; the file is plain TSV without quoting.
         for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
             if row["split"] == split:

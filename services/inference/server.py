@@ -72,7 +72,6 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> None:
         self.engine = engine
         self.info = info
-        self._replica = replica
         self.pool = pool
         # on_draining: async, flips health to NOT_SERVING.
         self.drain = DrainLifecycle(engine.abort, grace_seconds=drain_grace_seconds,
@@ -86,12 +85,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     @property
     def replica(self) -> str:
-        """The replica's name (in served_by, the prefix index, logs); known once it listens."""
-        return self._replica
+        """The replica's name (in served_by, the prefix index, logs); known once it listens.
+        The drain lifecycle keeps it, for its logs."""
+        return self.drain.replica
 
     @replica.setter
     def replica(self, name: str) -> None:
-        self._replica = self.drain.replica = name
+        self.drain.replica = name
 
     async def Generate(self, request: inference_pb2.InferenceRequest, context):
         code = grpc.StatusCode.OK
