@@ -40,6 +40,7 @@ from spotmesh.home import (
     TINY_MODEL_MARKER,
     TINY_MODEL_VARIANTS,
     default_model_dir,
+    tiny_variant,
 )
 
 if TYPE_CHECKING:  # heavy imports stay lazy: default_model_dir() must be cheap
@@ -247,14 +248,6 @@ def _corpus_lines() -> list[str]:
     return lines
 
 
-def _variant(quantization: str | None) -> str:
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(
-            f"unsupported quantization {quantization!r}; expected one of {QUANTIZATIONS}"
-        )
-    return quantization or "fp"
-
-
 def ensure_default_model(quantization: str | None = None) -> Path:
     """Return the default tiny model's directory, building it on first use."""
     return make_tiny(default_model_dir(quantization), quantization=quantization)
@@ -267,7 +260,7 @@ def make_tiny(out_dir: str | Path, *, quantization: str | None = None, seed: int
     variant, seed and format version. A directory holding anything else that
     is not one of our models is refused rather than overwritten.
     """
-    variant = _variant(quantization)
+    variant = tiny_variant(quantization)
     out = Path(out_dir).expanduser().absolute()
     if is_complete_model(out, quantization=quantization, seed=seed):
         return out
@@ -303,7 +296,7 @@ def is_complete_model(
     marker = read_marker(model_dir)
     if not marker or marker.get("version") != FORMAT_VERSION:
         return False
-    if marker.get("variant") != _variant(quantization) or marker.get("seed") != seed:
+    if marker.get("variant") != tiny_variant(quantization) or marker.get("seed") != seed:
         return False
     # Sizes are a cheap guard against files damaged after publication.
     for name, size in marker.get("files", {}).items():

@@ -26,12 +26,19 @@ def home() -> Path:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "spotmesh"
 
 
-def default_model_dir(quantization: str | None = None) -> Path:
-    """Where the default tiny model of ``quantization`` lives (built or not)."""
+def tiny_variant(quantization: str | None) -> str:
+    """The tiny model's variant name for ``quantization`` ("fp", "awq", "w8a8"); ValueError
+    for a quantization it has no variant of."""
     if quantization not in TINY_MODEL_VARIANTS:
         raise ValueError(f"unsupported quantization {quantization!r}; expected one of "
                          f"{TINY_MODEL_VARIANTS}")
-    name = DEFAULT_MODEL_NAME if quantization is None else f"{DEFAULT_MODEL_NAME}-{quantization}"
+    return quantization or "fp"
+
+
+def default_model_dir(quantization: str | None = None) -> Path:
+    """Where the default tiny model of ``quantization`` lives (built or not)."""
+    variant = tiny_variant(quantization)
+    name = DEFAULT_MODEL_NAME if variant == "fp" else f"{DEFAULT_MODEL_NAME}-{variant}"
     return home() / "models" / name
 
 
