@@ -166,7 +166,7 @@ class ReplicaSet:
         if best is None:
             return None
         ROUTING_DECISIONS.labels(best.decided_by).inc()
-        if route is not None and self.routing != "round-robin":
+        if route is not None and "prefix" in best.scores:  # a router that weighs prefixes
             PREFIX_MATCHED_TOKENS.inc(best.prefix_blocks * route.block_size)
         return self.replicas[best.name]
 
