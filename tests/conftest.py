@@ -77,6 +77,10 @@ class Mesh:
 
         self.state_dir = state_dir
         self.env = {**os.environ, "SPOTMESH_STATE_DIR": str(state_dir)}
+        # Tests that check for hits must not see one turn into a miss because a busy test
+        # machine made a lookup slower than the gateway's budget (tests/test_flow_budget.py
+        # tests the budget itself).
+        self.env.setdefault("SPOTMESH_CACHE_LOOKUP_BUDGET_MS", "30000")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli", "up", "--port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,

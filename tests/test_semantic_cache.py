@@ -73,12 +73,13 @@ def milvus_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(params=["lite", "server"])
+@pytest.fixture(params=["lite", "lite-milvus-search", "server"])
 def backend(request, tmp_path):
     """(uri, label) of a fresh, empty store: a lite data dir, or a new collection on the
-    module's server."""
-    if request.param == "lite":
-        return str(tmp_path / "cache.db"), "lite"
+    module's server. "lite" searches the cache's memory index (its default); "lite-milvus-search"
+    the same store searched by Milvus, as on a server."""
+    if request.param.startswith("lite"):
+        return str(tmp_path / "cache.db"), request.param
     server = request.getfixturevalue("milvus_server")
     return server.uri, "server"
 
@@ -92,7 +93,8 @@ def make_cache(backend):
     opened: list[SemanticCache] = []
 
     def make(**kw) -> SemanticCache:
-        opts = dict(uri=uri, collection=collection, dim=DIM, timeout_seconds=30.0)
+        opts = dict(uri=uri, collection=collection, dim=DIM, timeout_seconds=30.0,
+                    index="milvus" if kind == "lite-milvus-search" else "auto")
         opts.update(kw)
         cache = SemanticCache(CacheOptions(**opts))
         opened.append(cache)
@@ -467,7 +469,7 @@ def test_a_store_batch_is_written_whole(cache):
 def test_reopening_with_another_dimension_is_refused(make_cache, backend):
     cache = make_cache()
     cache.store("t1", MODEL, FP, unit(19), answer("a"), 600)
-    if backend[1] == "lite":
+    if backend[1].startswith("lite"):
         cache.close()  # milvus-lite: one open instance per data directory
     with pytest.raises(CacheSchemaError, match="384"):
         make_cache(dim=128).count()

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from services.cache.metrics import DEFAULT_MAX_TENANT_LABELS
-from services.cache.options import LOOKUP_CONSISTENCY, CacheOptions, default_uri
+from services.cache.options import INDEXES, LOOKUP_CONSISTENCY, CacheOptions, default_uri
 from services.cache.prefix_server import DEFAULT_MAX_HASHES
 from spotmesh.config import ServerConfig, add_server_flags, server_config_from_args
 
@@ -70,6 +70,12 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
     p.add_argument("--lookup-consistency", choices=LOOKUP_CONSISTENCY,
                    default=d.lookup_consistency,
                    help="Milvus consistency of lookups on a server (see CacheOptions)")
+    p.add_argument("--index", choices=INDEXES, default=d.index,
+                   help="where lookups search: memory (every vector mirrored in this process, "
+                        "exact; needs this process to be the collection's only writer), milvus, "
+                        "or auto (memory for milvus-lite, milvus for a server)")
+    p.add_argument("--memory-index-max-entries", type=int, default=d.memory_index_max_entries,
+                   help="vectors the memory index holds at most; past it lookups go to Milvus")
     p.add_argument("--milvus-timeout", type=float, default=d.timeout_seconds,
                    help="seconds per Milvus call, retries included")
     p.add_argument("--workers", type=int, default=4, help="threads making Milvus calls")
@@ -93,8 +99,9 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
         raise SystemExit(f"cache: no service token configured: set --token or {TOKEN_ENV}")
     if a.admin_token and a.admin_token.strip() == a.token.strip():
         raise SystemExit("cache: --admin-token must differ from --token")
-    for name in ("dim", "workers", "max_tenant_labels", "prefix_capacity_blocks",
-                 "prefix_max_replicas", "prefix_max_models", "prefix_max_hashes"):
+    for name in ("dim", "workers", "max_tenant_labels", "memory_index_max_entries",
+                 "prefix_capacity_blocks", "prefix_max_replicas", "prefix_max_models",
+                 "prefix_max_hashes"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     for name in ("flush_every", "flush_seconds", "sweep_seconds"):
@@ -115,6 +122,8 @@ def parse(argv: list[str] | None = None) -> CacheConfig:
         sweep_seconds=a.sweep_seconds,
         lookup_consistency=a.lookup_consistency,
         timeout_seconds=a.milvus_timeout,
+        index=a.index,
+        memory_index_max_entries=a.memory_index_max_entries,
     )
     return CacheConfig(
         server=server_config_from_args(a),

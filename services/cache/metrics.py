@@ -31,6 +31,10 @@ STORES = Counter("spotmesh_semantic_cache_stores_total", "Entries written, by te
                  ["tenant"])
 ENTRIES = Gauge("spotmesh_semantic_cache_entries",
                 "Unexpired entries, all tenants (refreshed by the sweeper).")
+MEMORY_INDEX_ENTRIES = Gauge(
+    "spotmesh_cache_memory_index_entries",
+    "Vectors in the cache's memory index (services.cache.mirror); -1 once it gave up at its "
+    "bound and lookups went to Milvus.")
 EXPIRED_SWEPT = Counter("spotmesh_semantic_cache_expired_swept_total",
                         "Expired entries deleted by the sweeper.")
 

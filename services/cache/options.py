@@ -31,9 +31,26 @@ class CacheOptions:
     # any tenant, so beyond this the least recently counted tenant's counters are folded into
     # the all-tenant totals (which stay exact) and its own figures start again from zero.
     max_tenant_stats: int = 10_000
+    # Where lookups search (services.cache.mirror): "memory" keeps every vector in this
+    # process and searches it exactly; "milvus" asks Milvus each time. "auto" is memory for
+    # milvus-lite (this process is its only writer) and Milvus for a server, which other cache
+    # replicas may write to.
+    index: str = "auto"
+    # Vectors the memory index may hold (1.5 KiB each at 384 dimensions); past it lookups go to
+    # Milvus.
+    memory_index_max_entries: int = 200_000
+
+    @property
+    def memory_index(self) -> bool:
+        from services.cache.milvus import is_local
+
+        if self.index == "auto":
+            return is_local(self.uri)
+        return self.index == "memory"
 
 
 LOOKUP_CONSISTENCY = ("Session", "Bounded", "Eventually", "Strong")
+INDEXES = ("auto", "memory", "milvus")
 
 
 def default_uri(state: str | os.PathLike | None = None) -> str:

@@ -53,7 +53,8 @@ async def main(cfg: GatewayConfig) -> None:
     semantic = None
     if cfg.cache:
         semantic = SemanticCacheClient(cfg.embedder, cfg.cache, cfg.cache_token,
-                                       timeout_seconds=cfg.cache_timeout_seconds)
+                                       timeout_seconds=cfg.cache_timeout_seconds,
+                                       budget_seconds=cfg.cache_lookup_budget_seconds)
     service = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"]
     relay = ReplicaRelay(replicas, prefix, CostLedger(cfg.prices_usd_per_hour),
                          start_attempts=cfg.start_attempts, resume_attempts=cfg.resume_attempts)

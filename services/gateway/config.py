@@ -46,6 +46,10 @@ class GatewayConfig:
     cache: str = ""
     cache_token: str = ""  # the gateway's service credential for the cache
     cache_timeout_seconds: float = 1.0
+    # How long a request waits for its embedding and lookup before it goes to a replica as a
+    # miss (the lookup goes on; its vector still stores the answer). A hit is worth waiting a
+    # little for; a miss must cost next to nothing.
+    cache_lookup_budget_seconds: float = 0.05
     # Routing: "prefix" (affinity balanced against load) or "round-robin" (a baseline).
     routing: str = "prefix"
     weights: Weights = field(default_factory=Weights)
@@ -82,7 +86,12 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
     p.add_argument("--embedder", default="", metavar="HOST:PORT")
     p.add_argument("--cache", default="", metavar="HOST:PORT")
     p.add_argument("--cache-token", default=os.environ.get("SPOTMESH_CACHE_TOKEN", ""))
-    p.add_argument("--cache-timeout-seconds", type=float, default=1.0)
+    p.add_argument("--cache-timeout-seconds", type=float, default=1.0,
+                   help="deadline of each embedder and cache call (stores included)")
+    p.add_argument("--cache-lookup-budget-ms", type=float,
+                   default=float(os.environ.get("SPOTMESH_CACHE_LOOKUP_BUDGET_MS", "50")),
+                   help="longest a request waits for a cache lookup before it goes to a "
+                        "replica as a miss; env SPOTMESH_CACHE_LOOKUP_BUDGET_MS")
     p.add_argument("--routing", choices=ROUTING_POLICIES, default="prefix")
     w = Weights()
     p.add_argument("--weight-prefix", type=float, default=w.prefix,
@@ -107,6 +116,8 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
         p.error("--queue-tolerance must be > 0")
     if a.prefix_cache and not a.cache_token:
         p.error("--prefix-cache needs --cache-token (or SPOTMESH_CACHE_TOKEN)")
+    if a.cache_lookup_budget_ms <= 0:
+        p.error("--cache-lookup-budget-ms must be > 0")
     if a.prefix_timeout_seconds <= 0:
         p.error("--prefix-timeout-seconds must be > 0")
     if bool(a.embedder) != bool(a.cache):
@@ -140,6 +151,7 @@ def parse(argv: list[str] | None = None) -> GatewayConfig:
         cache=a.cache,
         cache_token=a.cache_token,
         cache_timeout_seconds=a.cache_timeout_seconds,
+        cache_lookup_budget_seconds=a.cache_lookup_budget_ms / 1000.0,
         routing=a.routing,
         weights=Weights(prefix=a.weight_prefix, queue=a.weight_queue, kv=a.weight_kv,
                         queue_tolerance=a.queue_tolerance),

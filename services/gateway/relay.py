@@ -53,6 +53,10 @@ RESUMES = Counter("spotmesh_gateway_stream_resumes_total",
                   ["outcome"])
 
 
+# ``stream``'s default route: plan it there (a caller that planned it meanwhile passes it in).
+UNPLANNED = object()
+
+
 class ClientCall(Protocol):
     """What the relay needs of the client's call (a grpc.aio servicer context has both)."""
 
@@ -72,9 +76,16 @@ class ReplicaRelay:
         self.resume_attempts = resume_attempts
         self.retry_budget = retry_budget or RetryBudget()
 
+    async def route(self, model: str, prompt_ids: list[int]) -> PrefixRoute | None:
+        """Which replicas hold the prompt's prefix (None when routing ignores prefixes); the
+        shared index's answer within its deadline, else the local one's."""
+        if self.replicas.routing != "prefix":
+            return None
+        return await self.prefix.plan(model, prompt_ids, self.replicas.block_size(model))
+
     async def stream(self, tenant: str, valid: ValidRequest, model: str, prompt_ids: list[int],
-                     call: ClientCall, arrived: float, outcome: dict[str, float]
-                     ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+                     call: ClientCall, arrived: float, outcome: dict[str, float],
+                     route=UNPLANNED) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         """The request's stream, from whichever replicas serve it: one stream to the client
         whatever happens to them. ``outcome`` receives ``replica_seconds`` (for the cache).
         Raises :class:`Rejected` when no replica can serve it (UNAVAILABLE: retryable) or the
@@ -85,9 +96,8 @@ class ReplicaRelay:
             prompt_token_ids=prompt_ids,
             sampling=valid.sampling.to_proto(),
         )
-        route = None
-        if self.replicas.routing == "prefix":
-            route = await self.prefix.plan(model, prompt_ids, self.replicas.block_size(model))
+        if route is UNPLANNED:
+            route = await self.route(model, prompt_ids)
         self.retry_budget.on_request()
         tried: set[str] = set()
         last_error = "no replica serves it"

@@ -148,7 +148,7 @@ def replay(answer: cache_pb2.CachedAnswer, tokenizer, request_id: str, prompt_to
 
 class SemanticCacheClient:
     def __init__(self, embedder: str, cache: str, token: str, *, timeout_seconds: float = 1.0,
-                 max_pending_stores: int = 1024) -> None:
+                 budget_seconds: float = 0.05, max_pending_stores: int = 1024) -> None:
         opts = grpc_options(4 << 20)
         self._embedder_channel = grpc.aio.insecure_channel(embedder, options=opts)
         self._cache_channel = grpc.aio.insecure_channel(cache, options=opts)
@@ -156,6 +156,7 @@ class SemanticCacheClient:
         self.cache = cache_pb2_grpc.SemanticCacheStub(self._cache_channel)
         self._metadata = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout_seconds
+        self.budget = budget_seconds
         self.max_pending = max_pending_stores
         self._pending: set[asyncio.Task] = set()
 
@@ -177,6 +178,11 @@ class SemanticCacheClient:
         vector = await self.embed(plan.key_text)
         if vector is None or not plan.lookup:
             return vector, None
+        if time.perf_counter() - started > self.budget:
+            # The request stopped waiting and went to a replica: only the vector is still
+            # wanted (to store its answer).
+            LOOKUP_LATENCY.observe(time.perf_counter() - started)
+            return vector, None
         try:
             resp = await self.cache.Lookup(
                 cache_pb2.LookupRequest(tenant=tenant.name, model=model,
@@ -192,6 +198,20 @@ class SemanticCacheClient:
             LOOKUP_LATENCY.observe(time.perf_counter() - started)
         return vector, (resp.answer if resp.hit else None)
 
+    def begin(self, tenant: Tenant, model: str, plan: CachePlan) -> asyncio.Task:
+        """Start the lookup; the request waits for it with :meth:`within_budget`."""
+        return asyncio.create_task(self.lookup(tenant, model, plan))
+
+    async def within_budget(self, lookup: asyncio.Task
+                            ) -> tuple[bool, list[float] | None, cache_pb2.CachedAnswer | None]:
+        """(finished in time, vector, hit). A lookup past its budget goes on (its vector still
+        stores the answer); the request goes to a replica."""
+        done, _ = await asyncio.wait({lookup}, timeout=self.budget)
+        if not done:
+            return False, None, None
+        vector, answer = lookup.result()
+        return True, vector, answer
+
     def book_hit(self, tenant: Tenant, answer: cache_pb2.CachedAnswer) -> None:
         CACHE_REQUESTS.labels(tenant.name, "hit").inc()
         SAVED_USD.labels(tenant.name).inc(answer.cost_usd)
@@ -202,13 +222,17 @@ class SemanticCacheClient:
     def book(self, tenant: Tenant, result: str) -> None:
         CACHE_REQUESTS.labels(tenant.name, result).inc()
 
-    def store_later(self, request: cache_pb2.StoreRequest) -> None:
+    def store_later(self, request: cache_pb2.StoreRequest,
+                    lookup: asyncio.Task | None = None) -> None:
         """Store without making the client wait; bounded, so a slow cache cannot grow the
-        gateway's memory without limit."""
+        gateway's memory without limit. With ``lookup``, a lookup still under way: the
+        request's vector is what it ends with (none: nothing is stored)."""
         if len(self._pending) >= self.max_pending:
             DROPPED_STORES.inc()
+            if lookup is not None:
+                lookup.cancel()
             return
-        task = asyncio.create_task(self._store(request))
+        task = asyncio.create_task(self._store(request, lookup))
         self._pending.add(task)
         PENDING_STORES.set(len(self._pending))
         task.add_done_callback(self._stored)
@@ -217,7 +241,13 @@ class SemanticCacheClient:
         self._pending.discard(task)
         PENDING_STORES.set(len(self._pending))
 
-    async def _store(self, request: cache_pb2.StoreRequest) -> None:
+    async def _store(self, request: cache_pb2.StoreRequest,
+                     lookup: asyncio.Task | None = None) -> None:
+        if lookup is not None:
+            vector, _ = await lookup
+            if vector is None:
+                return
+            request.vector.extend(vector)
         try:
             await self.cache.Store(request, metadata=self._metadata, timeout=10 * self.timeout)
         except grpc.aio.AioRpcError as exc:
