@@ -14,7 +14,8 @@ import logging
 from services.cache.config import CacheConfig, parse
 from services.cache.maintenance import Maintenance
 from services.cache.metrics import TenantLabels
-from services.cache.milvus import CacheSchemaError, CacheUnavailable, is_local
+from services.cache.milvus import CacheSchemaError, CacheUnavailable
+from services.cache.options import is_local
 from services.cache.prefix_server import PrefixCacheServicer
 from services.cache.semantic import SemanticCache
 from services.cache.server import SemanticCacheServicer

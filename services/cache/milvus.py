@@ -22,7 +22,7 @@ import grpc
 from pymilvus import MilvusClient
 from pymilvus.exceptions import MilvusException
 
-from services.cache.options import CacheOptions
+from services.cache.options import CacheOptions, is_local
 from services.cache.rows import TOKEN_ID_FIELDS, build_schema
 
 HNSW_PARAMS = {"M": 16, "efConstruction": 200}
@@ -35,11 +35,6 @@ class CacheUnavailable(RuntimeError):
 
 class CacheSchemaError(RuntimeError):
     """The collection exists with a shape this cache cannot use (e.g. another dimension)."""
-
-
-def is_local(uri: str) -> bool:
-    """A milvus-lite data path (pymilvus runs milvus-lite in-process for ``*.db``)."""
-    return uri.endswith(".db")
 
 
 class MilvusCollection:

@@ -42,11 +42,14 @@ class CacheOptions:
 
     @property
     def memory_index(self) -> bool:
-        from services.cache.milvus import is_local
-
         if self.index == "auto":
             return is_local(self.uri)
         return self.index == "memory"
+
+
+def is_local(uri: str) -> bool:
+    """A milvus-lite data path (pymilvus runs milvus-lite in-process for ``*.db``)."""
+    return uri.endswith(".db")
 
 
 LOOKUP_CONSISTENCY = ("Session", "Bounded", "Eventually", "Strong")
