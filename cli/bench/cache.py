@@ -35,7 +35,10 @@ def _metric(metrics_address: str, name: str) -> float:
                if line.startswith(name) and not line.startswith("#"))
 
 
-async def _prefill(cache_address: str, token: str, n: int, model: str, fp: str, dim: int):
+async def prefill(cache_address: str, token: str, n: int, model: str, fp: str, dim: int,
+                  tenant: str = "bench"):
+    """``n`` entries of random unit vectors in one scope: they cost a lookup what real entries
+    cost (every one is scanned) and, at cosine ~0 to any real prompt, never hit."""
     import grpc
 
     from spotmesh.v1 import cache_pb2, cache_pb2_grpc, common_pb2
@@ -53,7 +56,7 @@ async def _prefill(cache_address: str, token: str, n: int, model: str, fp: str, 
                 v = rng.standard_normal(dim).astype(np.float32)
                 v /= np.linalg.norm(v)
                 await stub.Store(cache_pb2.StoreRequest(
-                    tenant="bench", model=model, sampling_fingerprint=fp, vector=v.tolist(),
+                    tenant=tenant, model=model, sampling_fingerprint=fp, vector=v.tolist(),
                     prompt=f"prefill entry {i}", text=f"prefill answer {i}", token_ids=[1, 2],
                     ttl_seconds=3600, finish_reason=common_pb2.FINISH_REASON_STOP),
                     metadata=md, timeout=30)
@@ -101,7 +104,7 @@ async def _run(a, mesh_state, key: str, cache_token: str, seeds, rest, dim: int)
     fp = fingerprint(Sampling(temperature=0.0, max_tokens=a.max_tokens))
     if a.prefill:
         print(f"prefilling the cache with {a.prefill} entries...", file=sys.stderr, flush=True)
-        await _prefill(cache.address, cache_token, a.prefill, DEFAULT_MODEL_NAME, fp, dim)
+        await prefill(cache.address, cache_token, a.prefill, DEFAULT_MODEL_NAME, fp, dim)
     answers: dict[str, set[str]] = {}  # answer text -> intents of the queries that made it
     saved_before = _metric(gateway.metrics, "spotmesh_semantic_cache_saved_usd_total")
     seconds_before = _metric(gateway.metrics,
